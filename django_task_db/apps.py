@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from django.apps import AppConfig
+from django.core.signals import setting_changed
+from django.db.backends.signals import connection_created
+
+from django_task_db import boundaries, conf, signals
+
+_fork_hook_registered = False
+
+
+class TaskDbConfig(AppConfig):
+    name = "django_task_db"
+    verbose_name = "Task DB"
+
+    def ready(self) -> None:
+        from django_task_db import checks  # noqa: F401  (registers the checks)
+
+        connect_receivers()
+        connection_created.connect(boundaries.track, dispatch_uid="django_task_db.track")
+        setting_changed.connect(conf.clear_cache, dispatch_uid="django_task_db.clear_cache")
+        register_fork_hook()
+
+
+def connect_receivers() -> None:
+    signals.task_started.connect(_on_task_started, dispatch_uid="django_task_db.started")
+    signals.task_finished.connect(_on_task_finished, dispatch_uid="django_task_db.finished")
+    signals.worker_process_started.connect(
+        _on_worker_process_started, dispatch_uid="django_task_db.worker_process_started"
+    )
+    signals.worker_stopping.connect(
+        _on_worker_stopping, dispatch_uid="django_task_db.worker_stopping"
+    )
+
+
+def register_fork_hook() -> None:
+    # os.register_at_fork has no way to unregister: register once per process.
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=boundaries.after_fork_in_child)
+        _fork_hook_registered = True
+
+
+def _on_task_started(strategy: conf.StrategySpec | None = None, **kwargs: Any) -> None:
+    boundaries.start_unit(strategy)
+
+
+def _on_task_finished(
+    failed: bool = False, strategy: conf.StrategySpec | None = None, **kwargs: Any
+) -> None:
+    boundaries.finish_unit(bool(failed), strategy)
+
+
+def _on_worker_process_started(**kwargs: Any) -> None:
+    boundaries.discard_inherited()
+
+
+def _on_worker_stopping(**kwargs: Any) -> None:
+    boundaries.stop_worker()

@@ -1,0 +1,254 @@
+"""What happens to database connections at the boundaries of a unit of work.
+
+Everything here acts on the connections of the calling thread that are
+already open: a connection is never opened in order to be closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable
+from weakref import WeakKeyDictionary
+
+from django.core.cache import close_caches
+from django.db import Error as DatabaseError
+from django.db import connections
+
+from django_task_db import conf, strategies
+from django_task_db.signals import connection_closed
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+logger = logging.getLogger("django_task_db")
+
+# True between task_started and task_finished, so that an inner task_scope
+# knows it is not the outermost one.
+in_unit: ContextVar[bool] = ContextVar("django_task_db_in_unit", default=False)
+
+# Aliases left alone at "start" because of an atomic block, so that
+# "finish" does not warn about them a second time.
+_local = threading.local()
+
+# Every connection opened since the app was ready, and every connection pool
+# of Django's PostgreSQL backend, with the id of the process that opened it:
+# after a fork, the child finds the parent's here, whichever thread opened
+# them. A pool is kept with the dict it is registered in, its alias, and its
+# driver's error class.
+_owners: WeakKeyDictionary[BaseDatabaseWrapper, int] = WeakKeyDictionary()
+_pools: WeakKeyDictionary[Any, tuple[int, dict[str, Any], str, type[Exception]]] = (
+    WeakKeyDictionary()
+)
+
+# What a forked child took from its parent and must never finalize (a pool's
+# __del__ waits for worker threads that did not survive the fork).
+_inherited: list[object] = []
+
+
+def start_unit(strategy: conf.StrategySpec | None = None) -> None:
+    """Prepare this thread's open connections for a unit of work."""
+    if strategy is not None:
+        conf.load(strategy, "strategy")
+    in_unit.set(True)
+    health_checks = conf.get("HEALTH_CHECKS")
+    for connection in _open_connections():
+        chosen = conf.strategy_for(connection.alias, strategy)
+        if _left_in_atomic_block(connection, "start", chosen):
+            continue
+        if health_checks:
+            # Django pings before the next query when these are set (and
+            # close_if_unusable_or_obsolete, which pings itself after an
+            # error, sets health_check_done): at most one ping per unit, and
+            # none for a connection the unit does not use.
+            connection.health_check_enabled = True
+            connection.health_check_done = False
+        _act(connection, "start", chosen)
+
+
+def finish_unit(failed: bool = False, strategy: conf.StrategySpec | None = None) -> None:
+    """Clean up this thread's open connections after a unit of work."""
+    if strategy is not None:
+        conf.load(strategy, "strategy")
+    in_unit.set(False)
+    close_on_failure = failed and conf.get("CLOSE_ON_FAILURE")
+    for connection in _open_connections():
+        if close_on_failure:
+            chosen, reason = strategies.close_all, "failure"
+        else:
+            chosen = conf.strategy_for(connection.alias, strategy)
+            reason = None
+        if not _left_in_atomic_block(connection, "finish", chosen):
+            _act(connection, "finish", chosen, reason)
+    if conf.get("CLOSE_CACHES"):
+        try:
+            close_caches()
+        except Exception:
+            logger.exception("Closing the cache connections failed.")
+
+
+def stop_worker() -> None:
+    """Close this thread's connections and this process's connection pools."""
+    discard_inherited()
+    in_unit.set(False)
+    for connection in _open_connections():
+        if not _left_in_atomic_block(connection, "stop", strategies.close_all):
+            _act(connection, "finish", strategies.close_all, "worker_stopping")
+    for connection in connections.all():
+        if connection.settings_dict["OPTIONS"].get("pool") and hasattr(
+            connection, "close_pool"
+        ):
+            try:
+                connection.close_pool()
+            except DatabaseError as exc:
+                logger.info(
+                    "Closing the pool of %r failed: %s", connection.alias, exc
+                )
+
+
+def discard_inherited() -> None:
+    """Drop the connections and connection pools that this process inherited
+    from its parent, without network IO, so that the parent's keep working.
+
+    Closing an inherited connection normally would send the server a goodbye
+    on the socket the parent still uses, and the server would hang up on the
+    parent. So the socket's file descriptor is first pointed at /dev/null;
+    closing the driver's connection then tells the server nothing.
+    """
+    pid = os.getpid()
+    connections_ = [c for c, owner in list(_owners.items()) if owner != pid]
+    pools = [(p, info) for p, info in list(_pools.items()) if info[0] != pid]
+    if not connections_ and not pools:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for connection in connections_:
+            del _owners[connection]
+            _discard(connection, devnull)
+        for pool, (_, registry, alias, error) in pools:
+            del _pools[pool]
+            if registry.get(alias) is pool:
+                del registry[alias]
+            # psycopg_pool keeps the idle connections in ``_pool``.
+            for idle in list(getattr(pool, "_pool", ())):
+                _detach(idle, devnull, (OSError, error))
+            _inherited.append(pool)
+    finally:
+        os.close(devnull)
+
+
+def after_fork_in_child() -> None:
+    if conf.get("FORK_SAFETY"):
+        discard_inherited()
+
+
+def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+    """Receiver of Django's connection_created: remember who opened it."""
+    pid = os.getpid()
+    _owners[connection] = pid
+    # Django's PostgreSQL pool lives in a class attribute, shared by threads.
+    registry = getattr(type(connection), "_connection_pools", None)
+    if registry and connection.alias in registry:
+        pool = registry[connection.alias]
+        _pools[pool] = (pid, registry, connection.alias, connection.Database.Error)
+
+
+def _open_connections() -> list[BaseDatabaseWrapper]:
+    return [c for c in connections.all(initialized_only=True) if c.connection is not None]
+
+
+def _left_in_atomic_block(
+    connection: BaseDatabaseWrapper, phase: str, strategy: conf.Strategy
+) -> bool:
+    """Whether ``connection`` is inside an atomic block, so must not be
+    touched; warn once per unit if the strategy would have acted."""
+    warned: set[str] = _local.__dict__.setdefault("warned", set())
+    if not connection.in_atomic_block:
+        warned.discard(connection.alias)
+        return False
+    if strategy is not strategies.keep and connection.alias not in warned:
+        logger.warning(
+            "Database connection %r left open at %s of a unit of work: it is "
+            "inside an atomic block, and closing it would lose the transaction.",
+            connection.alias,
+            phase,
+        )
+        if phase == "start":
+            warned.add(connection.alias)
+    elif phase != "start":
+        warned.discard(connection.alias)
+    return True
+
+
+def _act(
+    connection: BaseDatabaseWrapper,
+    phase: conf.Phase,
+    strategy: conf.Strategy,
+    reason: str | None = None,
+) -> None:
+    try:
+        strategy(connection, phase)
+    except DatabaseError as exc:
+        # Closing a connection that the server already dropped, or that is
+        # already closed, fails; Django has forgotten it all the same.
+        logger.info(
+            "Closing database connection %r at %s failed: %s: %s",
+            connection.alias,
+            phase,
+            type(exc).__name__,
+            exc,
+        )
+    except Exception:
+        logger.exception(
+            "Strategy %r failed on database connection %r at %s.",
+            _name(strategy),
+            connection.alias,
+            phase,
+        )
+    if connection.connection is None:
+        _send_closed(connection, reason or _name(strategy))
+
+
+def _discard(connection: BaseDatabaseWrapper, devnull: int) -> None:
+    raw = connection.connection
+    if raw is None:
+        return
+    _detach(raw, devnull, (AttributeError, OSError, connection.Database.Error))
+    if connection.in_atomic_block:
+        connection.closed_in_transaction = True
+        connection.needs_rollback = True
+    else:
+        connection.connection = None
+    _send_closed(connection, "inherited")
+
+
+def _detach(raw: Any, devnull: int, errors: tuple[type[BaseException], ...]) -> None:
+    try:
+        fd = raw.fileno()
+    except errors:
+        fd = -1
+    if fd >= 0:
+        os.dup2(devnull, fd)
+    try:
+        raw.close()
+    except errors:
+        pass
+    _inherited.append(raw)
+
+
+def _send_closed(connection: BaseDatabaseWrapper, reason: str) -> None:
+    for receiver, result in connection_closed.send_robust(
+        type(connection), alias=connection.alias, reason=reason
+    ):
+        if isinstance(result, Exception):
+            logger.error(
+                "A receiver of connection_closed, %r, raised.",
+                receiver,
+                exc_info=result,
+            )
+
+
+def _name(strategy: Callable[..., object]) -> str:
+    return getattr(strategy, "__name__", repr(strategy))

@@ -1,0 +1,35 @@
+"""The built-in strategies.
+
+A strategy is any callable ``strategy(connection, phase)``, where
+``connection`` is a Django ``DatabaseWrapper`` that is open in the current
+thread and not inside an atomic block, and ``phase`` is ``"start"`` or
+``"finish"``. It may close the connection (``connection.close()``) or leave
+it open; its return value is ignored. The caller handles everything else:
+which connections are passed, atomic blocks, errors raised while closing,
+health checks, closing after a failure and the ``connection_closed`` signal.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from django_task_db.conf import Phase
+
+
+def close_old(connection: BaseDatabaseWrapper, phase: Phase) -> None:
+    """Do what Django does around a request: close the connection if it
+    outlived CONN_MAX_AGE, had errors and fails a ping, or was left with
+    autocommit in the wrong state."""
+    connection.close_if_unusable_or_obsolete()
+
+
+def close_all(connection: BaseDatabaseWrapper, phase: Phase) -> None:
+    """Close the connection (with Django's pool: return it to the pool)."""
+    connection.close()
+
+
+def keep(connection: BaseDatabaseWrapper, phase: Phase) -> None:
+    """Leave the connection alone."""

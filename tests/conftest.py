@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connections
+
+from tests.servers import MySQLServer, Server, make_server, unavailable
+from tests.testapp.models import Item
+
+SERVER_ALIASES = [alias for alias in ("mysql", "postgres", "pgpool") if alias in settings.DATABASES]
+_reachable: dict[str, str | None] = {}
+
+
+@pytest.fixture(autouse=True)
+def _database_access(django_db_blocker: Any) -> Iterator[None]:
+    """Tests manage real connections themselves, outside pytest-django's test
+    databases and transactions; each test ends with every connection closed."""
+    with django_db_blocker.unblock():
+        yield
+        connections.close_all()
+
+
+def _prepare(alias: str) -> str | None:
+    """Reach the server once per session, create the test table; return why
+    it failed, or None."""
+    server = make_server(alias)
+    try:
+        if isinstance(server, MySQLServer):
+            conn = server.admin(database="")
+            with conn.cursor() as cursor:
+                cursor.execute(f"CREATE DATABASE IF NOT EXISTS {server.settings['NAME']}")
+            conn.close()
+        else:
+            server.admin().close()
+    except Exception as exc:  # the driver's connect error, whichever it is
+        return f"{type(exc).__name__}: {exc}"
+    if alias != "pgpool":  # pgpool shares the database of "postgres"
+        _create_table(alias)
+    return None
+
+
+def _create_table(alias: str) -> None:
+    connection = connections[alias]
+    with connection.schema_editor() as editor:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS {Item._meta.db_table}")
+        editor.create_model(Item)
+    connection.close()
+
+
+def server_for(alias: str) -> Server:
+    if alias not in _reachable:
+        if alias == "pgpool":
+            server_for("postgres")
+        _reachable[alias] = _prepare(alias)
+    server = make_server(alias)
+    if _reachable[alias] is not None:
+        unavailable(f"{server.name} (alias {alias!r})", str(_reachable[alias]))
+    server.query(f"DELETE FROM {Item._meta.db_table}")
+    return server
+
+
+@pytest.fixture(params=SERVER_ALIASES)
+def server(request: pytest.FixtureRequest) -> Server:
+    """Each real server alias: MariaDB, PostgreSQL, PostgreSQL with Django's pool."""
+    return server_for(request.param)
+
+
+@pytest.fixture(params=[a for a in SERVER_ALIASES if a != "pgpool"])
+def direct_server(request: pytest.FixtureRequest) -> Server:
+    """MariaDB and PostgreSQL with plain (persistent) connections."""
+    return server_for(request.param)
+
+
+@pytest.fixture
+def mysql() -> Server:
+    return server_for("mysql")
+
+
+@pytest.fixture
+def postgres() -> Server:
+    return server_for("postgres")
+
+
+@pytest.fixture
+def pgpool() -> Server:
+    if "pgpool" not in settings.DATABASES:
+        pytest.skip("Django's PostgreSQL pool needs Django 5.1 or later")
+    return server_for("pgpool")
+
+
+@pytest.fixture
+def sqlite() -> str:
+    """The embedded default: SQLite, with the test table created afresh."""
+    if "default" not in _reachable:
+        _create_table("default")
+        _reachable["default"] = None
+    Item.objects.using("default").all().delete()
+    connections["default"].close()
+    return "default"
+
+
+@pytest.fixture
+def closed() -> Iterator[list[tuple[str, str]]]:
+    """Every (alias, reason) that connection_closed reports during the test."""
+    from django_task_db.signals import connection_closed
+
+    seen: list[tuple[str, str]] = []
+
+    def record(alias: str, reason: str, **kwargs: Any) -> None:
+        seen.append((alias, reason))
+
+    connection_closed.connect(record, weak=False)
+    yield seen
+    connection_closed.disconnect(record)

@@ -1,0 +1,156 @@
+"""The database servers as the server sees them: session ids, counts, kills.
+
+Everything here goes through an admin connection made with the driver
+directly, outside Django, so it never disturbs the connections under test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connections
+
+REQUIRE_SERVICES = os.environ.get("TASK_DB_REQUIRE_SERVICES") == "1"
+
+
+def unavailable(server: str, reason: str) -> None:
+    message = f"{server} is not reachable: {reason}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} (TASK_DB_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(message)
+
+
+class Server:
+    """One Django alias on a real server."""
+
+    name: str
+    alias: str
+
+    def __init__(self, alias: str):
+        self.alias = alias
+        self.settings = settings.DATABASES[alias]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.alias}>"
+
+    def admin(self) -> Any:
+        raise NotImplementedError
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = self.admin()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql, params)
+                return list(cursor.fetchall()) if cursor.description else []
+        finally:
+            conn.close()
+
+    def session_id(self) -> int:
+        """The server's id for the Django connection of this thread."""
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute(self.session_id_sql)
+            return int(cursor.fetchone()[0])
+
+    session_id_sql = ""
+
+    def sessions(self) -> set[int]:
+        """Ids of the server sessions opened through this alias, any thread."""
+        raise NotImplementedError
+
+    def kill(self, session: int) -> None:
+        raise NotImplementedError
+
+    def wait_until_gone(self, session: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while session in self.sessions():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self}: session {session} still there")
+            time.sleep(0.02)
+
+    def wait_for_count(self, expected: int, timeout: float = 10) -> int:
+        """Poll until the server counts ``expected`` sessions; return the last
+        count seen (closing is asynchronous on the server side)."""
+        deadline = time.monotonic() + timeout
+        while (count := len(self.sessions())) != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return count
+
+    def count_rows(self, table: str = "django_task_db_item") -> int:
+        return int(self.query(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+class MySQLServer(Server):
+    name = "MariaDB"
+    session_id_sql = "SELECT CONNECTION_ID()"
+
+    def admin(self, database: str | None = None) -> Any:
+        import MySQLdb
+
+        kwargs: dict[str, Any] = {
+            "host": self.settings["HOST"],
+            "port": int(self.settings["PORT"]),
+            "user": self.settings["USER"],
+            "password": self.settings["PASSWORD"],
+            "autocommit": True,
+            "connect_timeout": 5,
+        }
+        kwargs["database"] = self.settings["NAME"] if database is None else database
+        if not kwargs["database"]:
+            del kwargs["database"]
+        return MySQLdb.connect(**kwargs)
+
+    def sessions(self) -> set[int]:
+        rows = self.query(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s "
+            "AND ID <> CONNECTION_ID()",
+            (self.settings["NAME"],),
+        )
+        return {int(row[0]) for row in rows}
+
+    def kill(self, session: int) -> None:
+        self.query(f"KILL {int(session)}")
+        self.wait_until_gone(session)
+
+
+class PostgresServer(Server):
+    name = "PostgreSQL"
+    session_id_sql = "SELECT pg_backend_pid()"
+
+    def admin(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            host=self.settings["HOST"],
+            port=int(self.settings["PORT"]),
+            user=self.settings["USER"],
+            password=self.settings["PASSWORD"],
+            dbname=self.settings["NAME"],
+            autocommit=True,
+            connect_timeout=5,
+        )
+
+    @property
+    def application_name(self) -> str:
+        return str(self.settings["OPTIONS"]["application_name"])
+
+    def sessions(self) -> set[int]:
+        rows = self.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+            (self.application_name,),
+        )
+        return {int(row[0]) for row in rows}
+
+    def kill(self, session: int) -> None:
+        self.query("SELECT pg_terminate_backend(%s)", (session,))
+        self.wait_until_gone(session)
+
+
+def make_server(alias: str) -> Server:
+    engine = settings.DATABASES[alias]["ENGINE"]
+    if engine.endswith("mysql"):
+        return MySQLServer(alias)
+    return PostgresServer(alias)
