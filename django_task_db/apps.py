@@ -20,14 +20,22 @@ class TaskDbConfig(AppConfig):
         from django_task_db import checks  # noqa: F401  (registers the checks)
 
         connect_receivers()
-        connection_created.connect(boundaries.track, dispatch_uid="django_task_db.track")
-        setting_changed.connect(conf.clear_cache, dispatch_uid="django_task_db.clear_cache")
+        connection_created.connect(
+            boundaries.track, dispatch_uid="django_task_db.track"
+        )
+        setting_changed.connect(
+            conf.clear_cache, dispatch_uid="django_task_db.clear_cache"
+        )
         register_fork_hook()
 
 
 def connect_receivers() -> None:
-    signals.task_started.connect(_on_task_started, dispatch_uid="django_task_db.started")
-    signals.task_finished.connect(_on_task_finished, dispatch_uid="django_task_db.finished")
+    signals.task_started.connect(
+        _on_task_started, dispatch_uid="django_task_db.started"
+    )
+    signals.task_finished.connect(
+        _on_task_finished, dispatch_uid="django_task_db.finished"
+    )
     signals.worker_process_started.connect(
         _on_worker_process_started, dispatch_uid="django_task_db.worker_process_started"
     )

@@ -6,11 +6,13 @@ already open: a connection is never opened in order to be closed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 from django.core.cache import close_caches
@@ -63,18 +65,21 @@ def start_unit(strategy: conf.StrategySpec | None = None) -> None:
             # close_if_unusable_or_obsolete, which pings itself after an
             # error, sets health_check_done): at most one ping per unit, and
             # none for a connection the unit does not use.
-            connection.health_check_enabled = True
-            connection.health_check_done = False
+            connection.health_check_enabled = True  # type: ignore[attr-defined]
+            connection.health_check_done = False  # type: ignore[attr-defined]
         _act(connection, "start", chosen)
 
 
-def finish_unit(failed: bool = False, strategy: conf.StrategySpec | None = None) -> None:
+def finish_unit(
+    failed: bool = False, strategy: conf.StrategySpec | None = None
+) -> None:
     """Clean up this thread's open connections after a unit of work."""
     if strategy is not None:
         conf.load(strategy, "strategy")
     in_unit.set(False)
     close_on_failure = failed and conf.get("CLOSE_ON_FAILURE")
     for connection in _open_connections():
+        chosen: conf.Strategy
         if close_on_failure:
             chosen, reason = strategies.close_all, "failure"
         else:
@@ -103,9 +108,7 @@ def stop_worker() -> None:
             try:
                 connection.close_pool()
             except DatabaseError as exc:
-                logger.info(
-                    "Closing the pool of %r failed: %s", connection.alias, exc
-                )
+                logger.info("Closing the pool of %r failed: %s", connection.alias, exc)
 
 
 def discard_inherited() -> None:
@@ -152,11 +155,14 @@ def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     registry = getattr(type(connection), "_connection_pools", None)
     if registry and connection.alias in registry:
         pool = registry[connection.alias]
-        _pools[pool] = (pid, registry, connection.alias, connection.Database.Error)
+        error = connection.Database.Error  # type: ignore[attr-defined]
+        _pools[pool] = (pid, registry, connection.alias, error)
 
 
 def _open_connections() -> list[BaseDatabaseWrapper]:
-    return [c for c in connections.all(initialized_only=True) if c.connection is not None]
+    return [
+        c for c in connections.all(initialized_only=True) if c.connection is not None
+    ]
 
 
 def _left_in_atomic_block(
@@ -215,7 +221,8 @@ def _discard(connection: BaseDatabaseWrapper, devnull: int) -> None:
     raw = connection.connection
     if raw is None:
         return
-    _detach(raw, devnull, (AttributeError, OSError, connection.Database.Error))
+    error = connection.Database.Error  # type: ignore[attr-defined]
+    _detach(raw, devnull, (AttributeError, OSError, error))
     if connection.in_atomic_block:
         connection.closed_in_transaction = True
         connection.needs_rollback = True
@@ -231,10 +238,8 @@ def _detach(raw: Any, devnull: int, errors: tuple[type[BaseException], ...]) -> 
         fd = -1
     if fd >= 0:
         os.dup2(devnull, fd)
-    try:
+    with contextlib.suppress(*errors):
         raw.close()
-    except errors:
-        pass
     _inherited.append(raw)
 
 

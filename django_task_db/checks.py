@@ -94,7 +94,11 @@ def _check_pool_health_checks(value: dict[str, Any]) -> list[CheckMessage]:
             hint=f"Set DATABASES[{alias!r}]['CONN_HEALTH_CHECKS'] = True.",
             id="django_task_db.W001",
         )
-        for alias, database in settings.DATABASES.items()
+        for alias, database in _databases().items()
         if database.get("OPTIONS", {}).get("pool")
         and not database.get("CONN_HEALTH_CHECKS", False)
     ]
+
+
+def _databases() -> dict[str, dict[str, Any]]:
+    return settings.DATABASES  # type: ignore[return-value]

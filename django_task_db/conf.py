@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Literal, Union
+from collections.abc import Callable
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 Phase = Literal["start", "finish"]
 Strategy = Callable[["BaseDatabaseWrapper", Phase], object]
-StrategySpec = Union[str, Strategy]
+StrategySpec = str | Strategy
 
 DEFAULTS: dict[str, Any] = {
     "STRATEGY": "close_old",
@@ -88,7 +89,7 @@ def load(spec: StrategySpec, where: str) -> Strategy:
     return _load_string(spec, where)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_string(spec: str, where: str) -> Strategy:
     if spec in BUILTIN_STRATEGIES:
         return BUILTIN_STRATEGIES[spec]

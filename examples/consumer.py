@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import queue
-from collections import Counter
 import tempfile
+from collections import Counter
 from pathlib import Path
+
 import django
 from django.conf import settings
 from django.core.checks import run_checks
@@ -44,7 +45,9 @@ def configure(database: Path, strategy: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategy", default="close_old", help="close_old, close_all or keep")
+    parser.add_argument(
+        "--strategy", default="close_old", help="close_old, close_all or keep"
+    )
     parser.add_argument("--messages", type=int, default=10)
     parser.add_argument(
         "--fail-every", type=int, default=4, help="every Nth message raises (0: none)"
@@ -95,8 +98,10 @@ def consume(count: int, fail_every: int) -> None:
             outcome = f"failed: {exc}"
         usage = "opened" if "opened" in events else "reused"
         closes = [e for e in events if e.startswith("closed")]
-        print(f"message {number} ({payload}): {outcome}; connection {usage}"
-              + (f", then {', '.join(closes)}" if closes else ""))
+        print(
+            f"message {number} ({payload}): {outcome}; connection {usage}"
+            + (f", then {', '.join(closes)}" if closes else "")
+        )
         totals.update(events)
 
     events.clear()
