@@ -10,7 +10,9 @@ from django.db import connections
 from tests.servers import MySQLServer, Server, make_server, unavailable
 from tests.testapp.models import Item
 
-SERVER_ALIASES = [alias for alias in ("mysql", "postgres", "pgpool") if alias in settings.DATABASES]
+SERVER_ALIASES = [
+    alias for alias in ("mysql", "postgres", "pgpool") if alias in settings.DATABASES
+]
 _reachable: dict[str, str | None] = {}
 
 
@@ -31,7 +33,9 @@ def _prepare(alias: str) -> str | None:
         if isinstance(server, MySQLServer):
             conn = server.admin(database="")
             with conn.cursor() as cursor:
-                cursor.execute(f"CREATE DATABASE IF NOT EXISTS {server.settings['NAME']}")
+                cursor.execute(
+                    f"CREATE DATABASE IF NOT EXISTS {server.settings['NAME']}"
+                )
             conn.close()
         else:
             server.admin().close()

@@ -75,7 +75,9 @@ class Server:
         """Poll until the server counts ``expected`` sessions; return the last
         count seen (closing is asynchronous on the server side)."""
         deadline = time.monotonic() + timeout
-        while (count := len(self.sessions())) != expected and time.monotonic() < deadline:
+        while (
+            count := len(self.sessions())
+        ) != expected and time.monotonic() < deadline:
             time.sleep(0.02)
         return count
 

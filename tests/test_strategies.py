@@ -9,7 +9,6 @@ from django.db import OperationalError, connections, transaction
 from django.db.backends.signals import connection_created
 
 from django_task_db import task_scope
-from tests.servers import Server
 from tests.testapp.models import Item
 
 
@@ -121,7 +120,9 @@ def test_connection_killed_while_idle(direct_server, settings, health_checks):
             assert Item.objects.using(direct_server.alias).count() == 0
 
 
-def test_health_check_pings_once_and_only_used_aliases(mysql, postgres, settings, monkeypatch):
+def test_health_check_pings_once_and_only_used_aliases(
+    mysql, postgres, settings, monkeypatch
+):
     """At most one ping per connection per unit, none for an alias left unused."""
     settings.TASK_DB = {"STRATEGY": "keep"}
     with task_scope():
@@ -227,7 +228,9 @@ def test_sqlite_close_old_reuses_and_close_all_reopens(sqlite, settings):
     """On SQLite: one connection for many units under close_old, one per unit
     under close_all."""
     opened = []
-    connection_created.connect(lambda **kw: opened.append(kw["connection"].alias), weak=False, dispatch_uid="t")
+    connection_created.connect(
+        lambda **kw: opened.append(kw["connection"].alias), weak=False, dispatch_uid="t"
+    )
     try:
         for _ in range(3):
             with task_scope():
@@ -243,7 +246,9 @@ def test_sqlite_close_old_reuses_and_close_all_reopens(sqlite, settings):
         connection_created.disconnect(dispatch_uid="t")
 
 
-def test_close_failure_is_swallowed_per_alias(mysql, postgres, settings, monkeypatch, caplog, closed):
+def test_close_failure_is_swallowed_per_alias(
+    mysql, postgres, settings, monkeypatch, caplog, closed
+):
     """A close() that raises on one alias: the others are still handled and
     nothing reaches the unit's caller."""
     from django.db import InterfaceError
