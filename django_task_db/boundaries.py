@@ -52,12 +52,11 @@ _inherited: list[object] = []
 
 def start_unit(strategy: conf.StrategySpec | None = None) -> None:
     """Prepare this thread's open connections for a unit of work."""
-    if strategy is not None:
-        conf.load(strategy, "strategy")
-    in_unit.set(True)
+    default, per_alias = conf.strategies_for(strategy)
     health_checks = conf.get("HEALTH_CHECKS")
+    in_unit.set(True)
     for connection in _open_connections():
-        chosen = conf.strategy_for(connection.alias, strategy)
+        chosen = per_alias.get(connection.alias, default)
         if _left_in_atomic_block(connection, "start", chosen):
             continue
         if health_checks:
@@ -74,20 +73,19 @@ def finish_unit(
     failed: bool = False, strategy: conf.StrategySpec | None = None
 ) -> None:
     """Clean up this thread's open connections after a unit of work."""
-    if strategy is not None:
-        conf.load(strategy, "strategy")
-    in_unit.set(False)
+    default, per_alias = conf.strategies_for(strategy)
     close_on_failure = failed and conf.get("CLOSE_ON_FAILURE")
+    close_caches_too = conf.get("CLOSE_CACHES")
+    in_unit.set(False)
     for connection in _open_connections():
         chosen: conf.Strategy
         if close_on_failure:
             chosen, reason = strategies.close_all, "failure"
         else:
-            chosen = conf.strategy_for(connection.alias, strategy)
-            reason = None
+            chosen, reason = per_alias.get(connection.alias, default), None
         if not _left_in_atomic_block(connection, "finish", chosen):
             _act(connection, "finish", chosen, reason)
-    if conf.get("CLOSE_CACHES"):
+    if close_caches_too:
         try:
             close_caches()
         except Exception:
@@ -102,13 +100,12 @@ def stop_worker() -> None:
         if not _left_in_atomic_block(connection, "stop", strategies.close_all):
             _act(connection, "finish", strategies.close_all, "worker_stopping")
     for connection in connections.all():
-        if connection.settings_dict["OPTIONS"].get("pool") and hasattr(
-            connection, "close_pool"
-        ):
-            try:
-                connection.close_pool()
-            except DatabaseError as exc:
-                logger.info("Closing the pool of %r failed: %s", connection.alias, exc)
+        # Django's PostgreSQL pools live in a class attribute, shared by the
+        # threads: the one that pops a pool closes it, once.
+        registry = getattr(type(connection), "_connection_pools", None)
+        pool = registry.pop(connection.alias, None) if registry else None
+        if pool is not None:
+            pool.close()
 
 
 def discard_inherited() -> None:

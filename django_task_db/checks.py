@@ -1,4 +1,7 @@
-"""System checks: bad TASK_DB values fail ``manage.py check``, not a task."""
+"""System checks: bad TASK_DB values fail ``manage.py check``, not a task.
+
+The messages are those of the errors the same values raise at run time.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +13,13 @@ from django.core.checks import CheckMessage, Error, Warning, register
 
 from django_task_db import conf
 
-HINT_STRATEGY = f"Use {conf.ALLOWED_STRATEGIES}."
-
 
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    value = getattr(settings, "TASK_DB", {})
-    if not isinstance(value, dict):
-        return [
-            Error(
-                f"TASK_DB is {value!r} ({type(value).__name__}), not a dict.",
-                hint="Set TASK_DB to a dict, such as {'STRATEGY': 'close_old'}.",
-                id="django_task_db.E001",
-            )
-        ]
+    try:
+        value = conf.task_db()
+    except conf.SettingError as exc:
+        return [_error(exc)]
     errors: list[CheckMessage] = []
     for key in value:
         if key not in conf.DEFAULTS:
@@ -36,31 +32,23 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                     id="django_task_db.E002",
                 )
             )
-    for key in conf.BOOLEAN_KEYS:
-        if key in value and not isinstance(value[key], bool):
-            errors.append(
-                Error(
-                    f"TASK_DB[{key!r}] is {value[key]!r} "
-                    f"({type(value[key]).__name__}), not a bool.",
-                    hint=f"Set TASK_DB[{key!r}] to True or False.",
-                    id="django_task_db.E005",
-                )
-            )
-    if "STRATEGY" in value:
-        errors += _check_strategy(value["STRATEGY"], "TASK_DB['STRATEGY']")
+    for key in conf.DEFAULTS:
+        try:
+            conf.get(key)
+        except conf.SettingError as exc:
+            errors.append(_error(exc))
     aliases = value.get("ALIASES", {})
     if not isinstance(aliases, dict):
-        errors.append(
-            Error(
-                f"TASK_DB['ALIASES'] is {aliases!r} ({type(aliases).__name__}), "
-                "not a dict.",
-                hint="Set TASK_DB['ALIASES'] to a dict of {alias: strategy}, "
-                "such as {'replica': 'keep'}.",
-                id="django_task_db.E005",
-            )
-        )
         aliases = {}
-    for alias, strategy in aliases.items():
+    specs = [(f"TASK_DB['ALIASES'][{a!r}]", spec) for a, spec in aliases.items()]
+    if "STRATEGY" in value:
+        specs.insert(0, ("TASK_DB['STRATEGY']", value["STRATEGY"]))
+    for where, spec in specs:
+        try:
+            conf.load(spec, where)
+        except conf.SettingError as exc:
+            errors.append(_error(exc))
+    for alias in aliases:
         if alias not in settings.DATABASES:
             errors.append(
                 Error(
@@ -70,22 +58,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                     id="django_task_db.E004",
                 )
             )
-        errors += _check_strategy(strategy, f"TASK_DB['ALIASES'][{alias!r}]")
-    errors += _check_pool_health_checks(value)
+    if value.get("HEALTH_CHECKS", True):
+        errors += _check_pool_health_checks()
     return errors
 
 
-def _check_strategy(spec: Any, where: str) -> list[CheckMessage]:
-    try:
-        conf.load(spec, where)
-    except conf.StrategyError as exc:
-        return [Error(str(exc), hint=HINT_STRATEGY, id=exc.check_id)]
-    return []
+def _error(exc: conf.SettingError) -> Error:
+    return Error(str(exc), hint=exc.hint, id=exc.check_id)
 
 
-def _check_pool_health_checks(value: dict[str, Any]) -> list[CheckMessage]:
-    if not value.get("HEALTH_CHECKS", True):
-        return []
+def _check_pool_health_checks() -> list[CheckMessage]:
+    databases: dict[str, dict[str, Any]] = settings.DATABASES  # type: ignore[assignment]
     return [
         Warning(
             f"TASK_DB['HEALTH_CHECKS'] cannot check the pooled connections of "
@@ -94,11 +77,7 @@ def _check_pool_health_checks(value: dict[str, Any]) -> list[CheckMessage]:
             hint=f"Set DATABASES[{alias!r}]['CONN_HEALTH_CHECKS'] = True.",
             id="django_task_db.W001",
         )
-        for alias, database in _databases().items()
+        for alias, database in databases.items()
         if database.get("OPTIONS", {}).get("pool")
         and not database.get("CONN_HEALTH_CHECKS", False)
     ]
-
-
-def _databases() -> dict[str, dict[str, Any]]:
-    return settings.DATABASES  # type: ignore[return-value]

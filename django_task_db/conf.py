@@ -40,36 +40,64 @@ ALLOWED_STRATEGIES = (
 )
 
 
-class StrategyError(ImproperlyConfigured):
-    """A strategy that cannot be used; ``check_id`` is the system check's."""
+HINT_STRATEGY = (
+    "Strategy names are close_old, close_all and keep; a strategy of your own "
+    "is named by its dotted path, such as 'myproject.db.close_at_finish'."
+)
 
-    def __init__(self, message: str, check_id: str):
+
+class SettingError(ImproperlyConfigured):
+    """A bad TASK_DB value, or strategy argument. ``check_id`` and ``hint``
+    are those of the system check that reports the same problem."""
+
+    def __init__(self, message: str, check_id: str, hint: str):
         super().__init__(message)
         self.check_id = check_id
+        self.hint = hint
 
 
 def task_db() -> dict[str, Any]:
     value = getattr(settings, "TASK_DB", {})
     if not isinstance(value, dict):
-        raise ImproperlyConfigured(
-            f"TASK_DB must be a dict, not {type(value).__name__}."
+        raise SettingError(
+            f"TASK_DB is {value!r} ({type(value).__name__}), not a dict.",
+            "django_task_db.E001",
+            "Set TASK_DB to a dict, such as {'STRATEGY': 'close_old'}.",
         )
     return value
 
 
 def get(key: str) -> Any:
-    return task_db().get(key, DEFAULTS[key])
+    value = task_db().get(key, DEFAULTS[key])
+    if key in BOOLEAN_KEYS and not isinstance(value, bool):
+        raise SettingError(
+            f"TASK_DB[{key!r}] is {value!r} ({type(value).__name__}), not a bool.",
+            "django_task_db.E005",
+            f"Set TASK_DB[{key!r}] to True or False.",
+        )
+    if key == "ALIASES" and not isinstance(value, dict):
+        raise SettingError(
+            f"TASK_DB['ALIASES'] is {value!r} ({type(value).__name__}), not a dict.",
+            "django_task_db.E005",
+            "Set TASK_DB['ALIASES'] to a dict of {alias: strategy}, such as "
+            "{'replica': 'keep'}.",
+        )
+    return value
 
 
-def strategy_for(alias: str, override: StrategySpec | None = None) -> Strategy:
-    """The strategy that applies to ``alias``: the unit's override, then
-    TASK_DB["ALIASES"][alias], then TASK_DB["STRATEGY"]."""
+def strategies_for(
+    override: StrategySpec | None = None,
+) -> tuple[Strategy, dict[str, Strategy]]:
+    """The strategies of one boundary: the default one, and those of the
+    aliases that have their own. A unit's override applies to every alias.
+    Resolved before any connection is touched, so a bad value raises first."""
     if override is not None:
-        return load(override, "strategy")
-    aliases = get("ALIASES")
-    if isinstance(aliases, dict) and alias in aliases:
-        return load(aliases[alias], f"TASK_DB['ALIASES'][{alias!r}]")
-    return load(get("STRATEGY"), "TASK_DB['STRATEGY']")
+        return load(override, "the unit's strategy"), {}
+    aliases = {
+        alias: load(spec, f"TASK_DB['ALIASES'][{alias!r}]")
+        for alias, spec in get("ALIASES").items()
+    }
+    return load(get("STRATEGY"), "TASK_DB['STRATEGY']"), aliases
 
 
 def load(spec: StrategySpec, where: str) -> Strategy:
@@ -81,10 +109,11 @@ def load(spec: StrategySpec, where: str) -> Strategy:
     if callable(spec):
         return spec
     if not isinstance(spec, str):
-        raise StrategyError(
+        raise SettingError(
             f"{where} is {spec!r} ({type(spec).__name__}); "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E005",
+            HINT_STRATEGY,
         )
     return _load_string(spec, where)
 
@@ -94,24 +123,28 @@ def _load_string(spec: str, where: str) -> Strategy:
     if spec in BUILTIN_STRATEGIES:
         return BUILTIN_STRATEGIES[spec]
     if "." not in spec:
-        raise StrategyError(
+        raise SettingError(
             f"{where} is {spec!r}, which is not a strategy; "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E003",
+            HINT_STRATEGY,
         )
+    hint = "Check the module and attribute names, and that the module imports."
     try:
         strategy = import_string(spec)
     except ImportError as exc:
-        raise StrategyError(
+        raise SettingError(
             f"{where} is {spec!r}, which does not import ({exc}); "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",
+            hint,
         ) from exc
     if not callable(strategy):
-        raise StrategyError(
+        raise SettingError(
             f"{where} is {spec!r}, which imports a {type(strategy).__name__}, "
             f"not a callable; allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",
+            hint,
         )
     return strategy  # type: ignore[no-any-return]
 

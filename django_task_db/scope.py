@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
-from contextvars import Token
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -14,6 +16,15 @@ from django_task_db.conf import StrategySpec
 from django_task_db.signals import task_finished, task_started
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+logger = logging.getLogger("django_task_db")
+
+# One entry per ``with`` in progress in this context (thread or asyncio task),
+# innermost last: the token of the outermost, None for the others. Kept here,
+# not on the scope, so one scope object may be entered again while in use.
+_tokens: ContextVar[tuple[Token[bool] | None, ...]] = ContextVar(
+    "django_task_db_tokens", default=()
+)
 
 
 class TaskScope:
@@ -27,17 +38,14 @@ class TaskScope:
     def __init__(self, *, strategy: StrategySpec | None = None, sender: Any = None):
         self.strategy = strategy
         self.sender = sender
-        self._token: Token[bool] | None = None
 
     def __enter__(self) -> None:
-        if in_unit.get():
-            return
-        self._token = in_unit.set(True)
-        try:
-            task_started.send(self.sender, strategy=self.strategy)
-        except BaseException:
-            self._reset()
-            raise
+        if self._push():
+            try:
+                task_started.send(self.sender, strategy=self.strategy)
+            except BaseException:
+                self._pop()
+                raise
 
     def __exit__(
         self,
@@ -45,28 +53,23 @@ class TaskScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._token is None:
-            return
-        try:
-            task_finished.send(
-                self.sender, failed=exc_type is not None, strategy=self.strategy
-            )
-        finally:
-            self._reset()
+        if self._pop():
+            with _unless_failed(exc):
+                task_finished.send(
+                    self.sender, failed=exc is not None, strategy=self.strategy
+                )
 
     async def __aenter__(self) -> None:
         # Django's synchronous connections live in the thread that
         # sync_to_async(thread_sensitive=True) runs in: clean up there.
-        if in_unit.get():
-            return
-        self._token = in_unit.set(True)
-        try:
-            await sync_to_async(task_started.send, thread_sensitive=True)(
-                self.sender, strategy=self.strategy
-            )
-        except BaseException:
-            self._reset()
-            raise
+        if self._push():
+            try:
+                await sync_to_async(task_started.send, thread_sensitive=True)(
+                    self.sender, strategy=self.strategy
+                )
+            except BaseException:
+                self._pop()
+                raise
 
     async def __aexit__(
         self,
@@ -74,18 +77,21 @@ class TaskScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._token is None:
-            return
-        try:
-            await sync_to_async(task_finished.send, thread_sensitive=True)(
-                self.sender, failed=exc_type is not None, strategy=self.strategy
-            )
-        finally:
-            self._reset()
+        if self._pop():
+            with _unless_failed(exc):
+                await sync_to_async(task_finished.send, thread_sensitive=True)(
+                    self.sender, failed=exc is not None, strategy=self.strategy
+                )
 
     def __call__(self, func: F) -> F:
         """Decorate ``func`` (a function or a coroutine function) so that each
         call runs in a scope of its own."""
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"task_scope cannot decorate the generator function {func.__name__}"
+                "(): the unit would end before its body runs. Use "
+                "`with task_scope():` inside it instead."
+            )
         sender = func if self.sender is None else self.sender
         strategy = self.strategy
 
@@ -105,10 +111,34 @@ class TaskScope:
 
         return run  # type: ignore[return-value]
 
-    def _reset(self) -> None:
-        if self._token is not None:
-            in_unit.reset(self._token)
-            self._token = None
+    @staticmethod
+    def _push() -> bool:
+        """Enter a ``with``; return whether it is the outermost, which acts."""
+        token = None if in_unit.get() else in_unit.set(True)
+        _tokens.set((*_tokens.get(), token))
+        return token is not None
+
+    @staticmethod
+    def _pop() -> bool:
+        """Leave a ``with``; return whether it was the outermost."""
+        *outer, token = _tokens.get()
+        _tokens.set(tuple(outer))
+        if token is None:
+            return False
+        in_unit.reset(token)
+        return True
+
+
+@contextmanager
+def _unless_failed(exc: BaseException | None) -> Iterator[None]:
+    """Let an error of the cleanup through, unless the body already failed:
+    then log it, and the body's own exception goes on unchanged."""
+    try:
+        yield
+    except Exception:
+        if exc is None:
+            raise
+        logger.exception("Cleaning up after a failed unit of work failed too.")
 
 
 @overload

@@ -151,6 +151,89 @@ class PostgresServer(Server):
         self.wait_until_gone(session)
 
 
+def local_ports(pid: int | str = "self") -> set[int]:
+    """Local TCP ports of the sockets open in process ``pid``."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as file:
+                lines = file.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class Sessions:
+    """The server's sessions for an alias, through one admin connection kept
+    open, so that sampling in a loop does not itself open connections.
+
+    ``own()`` keeps the sessions whose client end is a socket still open in
+    this process: other test runs may share the servers, and a session this
+    process has already hung up on is no longer one of its connections.
+    """
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.conn = server.admin()
+        if isinstance(server, MySQLServer):
+            self.sql = (
+                "SELECT ID, SUBSTRING_INDEX(HOST, ':', -1) "
+                "FROM information_schema.PROCESSLIST "
+                "WHERE DB = %s AND ID <> CONNECTION_ID()"
+            )
+            self.param = server.settings["NAME"]
+        else:
+            self.sql = (
+                "SELECT pid, client_port FROM pg_stat_activity "
+                "WHERE application_name = %s"
+            )
+            self.param = server.application_name  # type: ignore[attr-defined]
+
+    def rows(self) -> list[tuple[int, int | None]]:
+        with self.conn.cursor() as cursor:
+            cursor.execute(self.sql, (self.param,))
+            rows = cursor.fetchall()
+        return [
+            (int(sid), int(port) if str(port).isdigit() else None) for sid, port in rows
+        ]
+
+    def all(self) -> set[int]:
+        return {sid for sid, _ in self.rows()}
+
+    def own(self) -> set[int]:
+        rows = self.rows()
+        ports = local_ports()  # read after the server: see the class docstring
+        return {sid for sid, port in rows if port in ports}
+
+    def wait_for_own(self, expected: int, timeout: float = 10) -> set[int]:
+        deadline = time.monotonic() + timeout
+        while len(own := self.own()) != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return own
+
+    def wait_until_gone(self, ids: set[int], timeout: float = 10) -> set[int]:
+        """Poll until none of ``ids`` is on the server; return those left."""
+        deadline = time.monotonic() + timeout
+        while (left := ids & self.all()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return left
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def make_server(alias: str) -> Server:
     engine = settings.DATABASES[alias]["ENGINE"]
     if engine.endswith("mysql"):
