@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -27,6 +28,10 @@ class TaskDbConfig(AppConfig):
             conf.clear_cache, dispatch_uid="django_task_db.clear_cache"
         )
         register_fork_hook()
+        if importlib.util.find_spec("celery") is not None:
+            from django_task_db import celery
+
+            celery.connect()
 
 
 def connect_receivers() -> None:

@@ -5,6 +5,7 @@ The messages are those of the errors the same values raise at run time.
 
 from __future__ import annotations
 
+import importlib.util
 from difflib import get_close_matches
 from typing import Any
 
@@ -60,6 +61,21 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
     if value.get("HEALTH_CHECKS", True):
         errors += _check_pool_health_checks()
+    if (
+        value.get("CELERY", True)
+        and value.get("REPLACE_CELERY_FIXUP", True) is False
+        and importlib.util.find_spec("celery") is not None
+    ):
+        errors.append(
+            Warning(
+                "TASK_DB['REPLACE_CELERY_FIXUP'] is False: Celery's Django fixup "
+                "will close every database connection before and after every "
+                "task, whatever TASK_DB['STRATEGY'] says.",
+                hint="Remove REPLACE_CELERY_FIXUP from TASK_DB to let "
+                "django-task-db take over the fixup's database handling.",
+                id="django_task_db.W002",
+            )
+        )
     return errors
 
 

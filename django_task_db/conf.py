@@ -26,8 +26,17 @@ DEFAULTS: dict[str, Any] = {
     "CLOSE_ON_FAILURE": True,
     "CLOSE_CACHES": False,
     "FORK_SAFETY": True,
+    "CELERY": True,
+    "REPLACE_CELERY_FIXUP": True,
 }
-BOOLEAN_KEYS = ("HEALTH_CHECKS", "CLOSE_ON_FAILURE", "CLOSE_CACHES", "FORK_SAFETY")
+BOOLEAN_KEYS = (
+    "HEALTH_CHECKS",
+    "CLOSE_ON_FAILURE",
+    "CLOSE_CACHES",
+    "FORK_SAFETY",
+    "CELERY",
+    "REPLACE_CELERY_FIXUP",
+)
 
 BUILTIN_STRATEGIES: dict[str, Strategy] = {
     "close_old": strategies.close_old,

@@ -1,0 +1,138 @@
+"""The Celery bridge: Celery's worker and task signals drive django-task-db's.
+
+Imported by the app only when Celery is installed. Every receiver checks
+TASK_DB["CELERY"] when it runs, logs its errors instead of raising them, and
+leaves eager tasks (``task.apply()``, ``task_always_eager``) alone: they run
+in the caller's thread, on the caller's connections and transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from weakref import WeakSet
+
+from celery import signals as celery_signals
+from celery import states
+
+from django_task_db import conf, signals
+
+logger = logging.getLogger("django_task_db")
+
+# The Celery apps whose Django fixup has handed its database duties over.
+_replaced: WeakSet[Any] = WeakSet()
+
+
+def connect() -> None:
+    for celery_signal, receiver in (
+        (celery_signals.worker_init, _on_worker_init),
+        (celery_signals.worker_process_init, _on_worker_process_init),
+        (celery_signals.task_prerun, _on_task_prerun),
+        (celery_signals.task_postrun, _on_task_postrun),
+        (celery_signals.worker_process_shutdown, _on_worker_stopping),
+        (celery_signals.worker_shutdown, _on_worker_stopping),
+    ):
+        celery_signal.connect(
+            receiver,
+            weak=False,
+            dispatch_uid=f"django_task_db.celery.{receiver.__name__}",
+        )
+
+
+def replace_fixup(app: Any) -> None:
+    """Disconnect the database handlers of Celery's Django fixup for ``app``
+    (its task_prerun, task_postrun and worker_process_init receivers, which
+    close every connection); leave the rest of the fixup in place.
+
+    Called when the worker starts, and again before a process's first task in
+    case the fixup installed itself after that (receivers run in the order
+    they were connected).
+    """
+    if app in _replaced or not conf.get("REPLACE_CELERY_FIXUP"):
+        return
+    worker_fixups = [
+        fixup._worker_fixup
+        for fixup in getattr(app, "_fixups", ())
+        if getattr(fixup, "_worker_fixup", None) is not None
+    ]
+    for worker_fixup in worker_fixups:
+        celery_signals.task_prerun.disconnect(worker_fixup.on_task_prerun)
+        celery_signals.task_postrun.disconnect(worker_fixup.on_task_postrun)
+        celery_signals.worker_process_init.disconnect(
+            worker_fixup.on_worker_process_init
+        )
+    if worker_fixups:
+        _replaced.add(app)
+        logger.debug("Celery's Django fixup of %r: database handlers replaced.", app)
+
+
+def _enabled() -> bool:
+    return bool(conf.get("CELERY"))
+
+
+def _is_eager(task: Any) -> bool:
+    return bool(getattr(getattr(task, "request", None), "is_eager", False))
+
+
+def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    try:
+        if not _enabled():
+            return
+        app = getattr(sender, "app", None)
+        if app is not None:
+            replace_fixup(app)
+            for task in list(app.tasks.values()):
+                strategy = getattr(task, "db_strategy", None)
+                if strategy is not None:
+                    conf.load(strategy, f"db_strategy of the task {task.name!r}")
+    except Exception:
+        logger.exception("django_task_db could not set up the Celery worker.")
+
+
+def _on_worker_process_init(**kwargs: Any) -> None:
+    try:
+        if _enabled():
+            signals.worker_process_started.send(sender=None)
+    except Exception:
+        logger.exception("django_task_db failed in worker_process_init.")
+
+
+def _on_task_prerun(sender: Any = None, task: Any = None, **kwargs: Any) -> None:
+    task = task or sender
+    try:
+        if not _enabled() or _is_eager(task):
+            return
+        replace_fixup(task.app)
+        signals.task_started.send(
+            sender=task, strategy=getattr(task, "db_strategy", None)
+        )
+    except Exception:
+        logger.exception("django_task_db failed before the task %r.", _name(task))
+
+
+def _on_task_postrun(
+    sender: Any = None, task: Any = None, state: str | None = None, **kwargs: Any
+) -> None:
+    task = task or sender
+    try:
+        if not _enabled() or _is_eager(task):
+            return
+        signals.task_finished.send(
+            sender=task,
+            failed=state != states.SUCCESS,
+            strategy=getattr(task, "db_strategy", None),
+        )
+    except Exception:
+        logger.exception("django_task_db failed after the task %r.", _name(task))
+
+
+def _on_worker_stopping(**kwargs: Any) -> None:
+    try:
+        if _enabled():
+            signals.worker_stopping.send(sender=None)
+    except Exception:
+        logger.exception("django_task_db failed while the worker was stopping.")
+
+
+def _name(task: Any) -> str:
+    return str(getattr(task, "name", task))
