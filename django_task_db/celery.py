@@ -39,31 +39,31 @@ def connect() -> None:
         )
 
 
-def replace_fixup(app: Any) -> None:
+def replace_fixup(app: Any, worker: Any = None) -> None:
     """Disconnect the database handlers of Celery's Django fixup for ``app``
     (its task_prerun, task_postrun and worker_process_init receivers, which
     close every connection); leave the rest of the fixup in place.
 
-    Called when the worker starts, and again before a process's first task in
-    case the fixup installed itself after that (receivers run in the order
-    they were connected).
+    Tried when ``worker`` starts, which works if the fixup has installed its
+    handlers for that worker already: receivers run in the order they were
+    connected, and Django may have been set up before the Celery app existed.
+    Otherwise tried again before the process's first task (``worker`` None).
     """
     if app in _replaced or not conf.get("REPLACE_CELERY_FIXUP"):
         return
-    worker_fixups = [
-        fixup._worker_fixup
-        for fixup in getattr(app, "_fixups", ())
-        if getattr(fixup, "_worker_fixup", None) is not None
-    ]
-    for worker_fixup in worker_fixups:
+    for fixup in getattr(app, "_fixups", ()):
+        worker_fixup = getattr(fixup, "_worker_fixup", None)
+        if worker_fixup is None:
+            continue
+        if worker is not None and worker_fixup.worker is not worker:
+            return
         celery_signals.task_prerun.disconnect(worker_fixup.on_task_prerun)
         celery_signals.task_postrun.disconnect(worker_fixup.on_task_postrun)
         celery_signals.worker_process_init.disconnect(
             worker_fixup.on_worker_process_init
         )
-    if worker_fixups:
-        _replaced.add(app)
         logger.debug("Celery's Django fixup of %r: database handlers replaced.", app)
+    _replaced.add(app)
 
 
 def _enabled() -> bool:
@@ -80,7 +80,9 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             return
         app = getattr(sender, "app", None)
         if app is not None:
-            replace_fixup(app)
+            # A new worker for this app: its fixup connects its handlers again.
+            _replaced.discard(app)
+            replace_fixup(app, worker=sender)
             for task in list(app.tasks.values()):
                 strategy = getattr(task, "db_strategy", None)
                 if strategy is not None:

@@ -96,6 +96,20 @@ def pgpool() -> Server:
     return server_for("pgpool")
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis server of the Celery tests (broker and result backend)."""
+    import redis
+
+    from tests.celery_app import REDIS
+
+    try:
+        redis.Redis.from_url(REDIS, socket_connect_timeout=5).ping()
+    except redis.RedisError as exc:
+        unavailable(f"Redis at {REDIS}", f"{type(exc).__name__}: {exc}")
+    return REDIS
+
+
 @pytest.fixture
 def sqlite() -> str:
     """The embedded default: SQLite, with the test table created afresh."""

@@ -4,6 +4,7 @@ The servers' addresses come from the environment, with the defaults of the
 development and CI machines.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -57,3 +58,7 @@ if django.VERSION >= (5, 1):
             "pool": {"min_size": 2, "max_size": 4, "timeout": 10},
         },
     }
+
+# Worker subprocesses started by the tests get their TASK_DB from here.
+if "TASK_DB_TEST_SETTINGS" in os.environ:
+    TASK_DB = json.loads(os.environ["TASK_DB_TEST_SETTINGS"])

@@ -1,0 +1,87 @@
+"""The Celery app of the tests: a Redis broker and result backend, and tasks
+that report what the database server sees.
+
+The broker's database number and the queue come from the environment, so each
+test (and each worker subprocess) has its own and no worker takes another
+test's tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from celery import Celery
+from django.db import connections, transaction
+
+REDIS = os.environ.get("TASK_DB_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("TASK_DB_REDIS_DB", "11"))
+
+app = Celery("tests")
+app.conf.update(
+    broker_url=f"{REDIS}/{REDIS_DB}",
+    result_backend=f"{REDIS}/{REDIS_DB}",
+    task_default_queue=os.environ.get("TASK_DB_CELERY_QUEUE", "django_task_db_tests"),
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    worker_prefetch_multiplier=1,
+    task_acks_late=False,
+    result_expires=600,
+)
+
+SESSION_ID_SQL = {"mysql": "SELECT CONNECTION_ID()", "postgresql": "SELECT pg_backend_pid()"}
+
+
+def _session_id(alias: str) -> int:
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        cursor.execute(SESSION_ID_SQL[connection.vendor])
+        return int(cursor.fetchone()[0])
+
+
+@app.task
+def session_id(alias: str) -> int:
+    """The server's id for the connection this task ran its query on."""
+    return _session_id(alias)
+
+
+@app.task(db_strategy="close_all")
+def session_id_close_all(alias: str) -> int:
+    """The same, with a per-task strategy."""
+    return _session_id(alias)
+
+
+@app.task
+def write_then_fail(alias: str, name: str) -> None:
+    """Write a row outside autocommit, then fail before committing."""
+    from tests.testapp.models import Item
+
+    transaction.set_autocommit(False, using=alias)
+    Item.objects.using(alias).create(name=name)
+    raise RuntimeError(f"task failed after writing {name!r}")
+
+
+@app.task
+def write(alias: str, name: str) -> int:
+    from tests.testapp.models import Item
+
+    Item.objects.using(alias).create(name=name)
+    return _session_id(alias)
+
+
+@app.task
+def sleep_in_query(alias: str, seconds: float) -> int:
+    """Hold a query on the server for ``seconds``."""
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        if connection.vendor == "mysql":
+            cursor.execute("SELECT SLEEP(%s)", [seconds])
+        else:
+            cursor.execute("SELECT pg_sleep(%s)", [seconds])
+    return _session_id(alias)
+
+
+@app.task
+def pause(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
