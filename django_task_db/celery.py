@@ -22,6 +22,11 @@ logger = logging.getLogger("django_task_db")
 # The Celery apps whose Django fixup has handed its database duties over.
 _replaced: WeakSet[Any] = WeakSet()
 
+# Whether this process's worker runs each task in a greenlet of its own
+# (gevent, eventlet): Django's connections are then per greenlet and die with
+# it, so they are closed at the end of every task, whatever the strategy.
+_green = False
+
 
 def connect() -> None:
     for celery_signal, receiver in (
@@ -75,9 +80,13 @@ def _is_eager(task: Any) -> bool:
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    global _green
     try:
         if not _enabled():
             return
+        pool = getattr(sender, "pool_cls", "")
+        pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+        _green = "gevent" in pool_name or "eventlet" in pool_name
         app = getattr(sender, "app", None)
         if app is not None:
             # A new worker for this app: its fixup connects its handlers again.
@@ -122,7 +131,7 @@ def _on_task_postrun(
         signals.task_finished.send(
             sender=task,
             failed=state != states.SUCCESS,
-            strategy=getattr(task, "db_strategy", None),
+            strategy="close_all" if _green else getattr(task, "db_strategy", None),
         )
     except Exception:
         logger.exception("django_task_db failed after the task %r.", _name(task))
