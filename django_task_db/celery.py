@@ -60,7 +60,7 @@ def replace_fixup(app: Any, worker: Any = None) -> None:
         worker_fixup = getattr(fixup, "_worker_fixup", None)
         if worker_fixup is None:
             continue
-        if worker is not None and worker_fixup.worker is not worker:
+        if worker is not None and getattr(worker_fixup, "worker", None) is not worker:
             return
         celery_signals.task_prerun.disconnect(worker_fixup.on_task_prerun)
         celery_signals.task_postrun.disconnect(worker_fixup.on_task_postrun)
