@@ -471,3 +471,30 @@ class TestShutdown:
         assert [r["pools"] for r in shutdowns] == [[]] * CONCURRENCY
         assert stopped["sessions"]["pgpool"]
         assert stopped["gone"]["pgpool"] == set()
+
+
+class TestGevent:
+    """``--pool=gevent -c 10``: a greenlet per task, connections per greenlet."""
+
+    @pytest.fixture(scope="class")
+    def worker(self, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+        pytest.importorskip("gevent")
+        directory = tmp_path_factory.mktemp("gevent")
+        worker = Worker(
+            app, unique_queue("gevent"), directory / "worker.log", {}, 10, "gevent"
+        )
+        app._show_logs.workers.append(worker)
+        try:
+            yield worker.start()
+        finally:
+            worker.stop()
+            app._show_logs.workers.remove(worker)
+
+    def test_each_task_connection_closed_at_its_end(self, worker, direct_server):
+        """Under gevent nothing can be reused (a connection per greenlet), so
+        close_old still closes each task's connection when it ends: none is
+        left open for the garbage collector."""
+        ids, seconds = run_timed(worker, session_id, direct_server.alias)
+        record(f"{direct_server.name} gevent close_old", ids, seconds)
+        assert len(set(ids)) == TASKS
+        assert gone(direct_server, set(ids)) == set()

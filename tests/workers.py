@@ -108,7 +108,7 @@ def local_ports(pid: int) -> set[int]:
 
 
 class Worker:
-    """One ``celery worker --pool=prefork`` subprocess."""
+    """One ``celery worker`` subprocess (``--pool=prefork`` unless told)."""
 
     def __init__(
         self,
@@ -117,6 +117,7 @@ class Worker:
         log_path: Path,
         task_db: dict[str, Any],
         concurrency: int = 2,
+        pool: str = "prefork",
         hooks: Path | None = None,
         hook_aliases: tuple[str, ...] = (),
         root: Path = ROOT,
@@ -126,6 +127,7 @@ class Worker:
         self.log_path = log_path
         self.task_db = task_db
         self.concurrency = concurrency
+        self.pool = pool
         self.hooks = hooks
         self.hook_aliases = hook_aliases
         self.root = root
@@ -149,7 +151,7 @@ class Worker:
             "-A",
             "tests.celery_app",
             "worker",
-            "--pool=prefork",
+            f"--pool={self.pool}",
             "-c",
             str(self.concurrency),
             "-Q",
