@@ -29,7 +29,10 @@ app.conf.update(
     result_expires=600,
 )
 
-SESSION_ID_SQL = {"mysql": "SELECT CONNECTION_ID()", "postgresql": "SELECT pg_backend_pid()"}
+SESSION_ID_SQL = {
+    "mysql": "SELECT CONNECTION_ID()",
+    "postgresql": "SELECT pg_backend_pid()",
+}
 
 
 def _session_id(alias: str) -> int:

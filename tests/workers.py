@@ -48,13 +48,8 @@ HOOK_ALIASES_ENV = "TASK_DB_HOOK_ALIASES"
 def _forget_connections(app: Any) -> None:
     """Drop the app's cached broker pool and result backend, so that the next
     use reads broker_url and result_backend again."""
-    pool = app._pool
     app._pool = None
-    if pool is not None:
-        with suppress(Exception):
-            pool.force_close_all()
-    with suppress(AttributeError, KeyError):
-        app.__dict__["amqp"]._producer_pool = None
+    app.amqp._producer_pool = None
     app._backend_cache = None
     app._local.__dict__.pop("backend", None)
 
@@ -332,7 +327,7 @@ class Worker:
 
 
 def unique_queue(label: str) -> str:
-    return f"task_db_prefork_{label}_{uuid.uuid4().hex[:10]}"
+    return f"task_db_{label}_{uuid.uuid4().hex[:10]}"
 
 
 def read_hooks(path: Path) -> list[dict[str, Any]]:
