@@ -108,6 +108,19 @@ def stop_worker() -> None:
             pool.close()
 
 
+def in_atomic_block() -> bool:
+    """Whether a connection of this thread is inside an atomic block."""
+    return any(c.in_atomic_block for c in connections.all(initialized_only=True))
+
+
+def close_broken() -> None:
+    """Close this thread's connections that errors left unusable (outside
+    atomic blocks): Django pings a connection that had an error."""
+    for connection in _open_connections():
+        if not connection.in_atomic_block:
+            _act(connection, "finish", strategies.close_old, "failure")
+
+
 def discard_inherited() -> None:
     """Drop the connections and connection pools that this process inherited
     from its parent, without network IO, so that the parent's keep working.

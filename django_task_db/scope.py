@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,8 +12,10 @@ from typing import Any, TypeVar, overload
 
 from asgiref.sync import sync_to_async
 
+from django_task_db import boundaries
 from django_task_db.boundaries import in_unit
 from django_task_db.conf import StrategySpec
+from django_task_db.faults import is_disconnect
 from django_task_db.signals import task_finished, task_started
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,9 +38,21 @@ class TaskScope:
     body and nothing else. The body's exception is re-raised unchanged.
     """
 
-    def __init__(self, *, strategy: StrategySpec | None = None, sender: Any = None):
+    def __init__(
+        self,
+        *,
+        strategy: StrategySpec | None = None,
+        sender: Any = None,
+        retry_on_disconnect: int = 0,
+    ):
+        if not isinstance(retry_on_disconnect, int) or retry_on_disconnect < 0:
+            raise ValueError(
+                f"retry_on_disconnect is {retry_on_disconnect!r}; allowed: a "
+                "whole number of retries, 0 (the default) or more."
+            )
         self.strategy = strategy
         self.sender = sender
+        self.retry_on_disconnect = retry_on_disconnect
 
     def __enter__(self) -> None:
         if self._push():
@@ -94,20 +109,40 @@ class TaskScope:
             )
         sender = func if self.sender is None else self.sender
         strategy = self.strategy
+        retries = self.retry_on_disconnect
 
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
-                async with TaskScope(strategy=strategy, sender=sender):
-                    return await func(*args, **kwargs)
+                in_atomic = sync_to_async(
+                    boundaries.in_atomic_block, thread_sensitive=True
+                )
+                allowed = retries if retries and not await in_atomic() else 0
+                for attempt in itertools.count(1):
+                    try:
+                        async with TaskScope(strategy=strategy, sender=sender):
+                            return await func(*args, **kwargs)
+                    except Exception as exc:
+                        if not _retry(func, exc, attempt, allowed):
+                            raise
+                    await sync_to_async(
+                        boundaries.close_broken, thread_sensitive=True
+                    )()
 
             return run_async  # type: ignore[return-value]
 
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
-            with TaskScope(strategy=strategy, sender=sender):
-                return func(*args, **kwargs)
+            allowed = retries if retries and not boundaries.in_atomic_block() else 0
+            for attempt in itertools.count(1):
+                try:
+                    with TaskScope(strategy=strategy, sender=sender):
+                        return func(*args, **kwargs)
+                except Exception as exc:
+                    if not _retry(func, exc, attempt, allowed):
+                        raise
+                boundaries.close_broken()
 
         return run  # type: ignore[return-value]
 
@@ -129,6 +164,23 @@ class TaskScope:
         return True
 
 
+def _retry(
+    func: Callable[..., Any], exc: Exception, attempt: int, allowed: int
+) -> bool:
+    """Whether to run ``func`` again after it raised ``exc`` on ``attempt``."""
+    if attempt > allowed or not is_disconnect(exc):
+        return False
+    logger.warning(
+        "%s lost its database connection (%s: %s); running it again, retry %d of %d.",
+        getattr(func, "__qualname__", repr(func)),
+        type(exc).__name__,
+        exc,
+        attempt,
+        allowed,
+    )
+    return True
+
+
 @contextmanager
 def _unless_failed(exc: BaseException | None) -> Iterator[None]:
     """Let an error of the cleanup through, unless the body already failed:
@@ -147,7 +199,10 @@ def task_scope(func: F, /) -> F: ...
 
 @overload
 def task_scope(
-    *, strategy: StrategySpec | None = None, sender: Any = None
+    *,
+    strategy: StrategySpec | None = None,
+    sender: Any = None,
+    retry_on_disconnect: int = 0,
 ) -> TaskScope: ...
 
 
@@ -157,12 +212,19 @@ def task_scope(
     *,
     strategy: StrategySpec | None = None,
     sender: Any = None,
+    retry_on_disconnect: int = 0,
 ) -> F | TaskScope:
     """Run a unit of work: ``with task_scope():``, ``async with task_scope():``,
     ``@task_scope`` or ``@task_scope(strategy="close_all")``.
 
     ``strategy`` overrides TASK_DB for this unit, for every database alias.
     ``sender`` is passed to the signals (by default, the decorated function).
+    ``retry_on_disconnect``, for a decorated function that is idempotent
+    only: run it again, up to that many times, when it fails because the
+    database connection was lost (see is_disconnect), unless it was called
+    inside an atomic block.
     """
-    scope = TaskScope(strategy=strategy, sender=sender)
+    scope = TaskScope(
+        strategy=strategy, sender=sender, retry_on_disconnect=retry_on_disconnect
+    )
     return scope if func is None else scope(func)
