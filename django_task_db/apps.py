@@ -12,6 +12,10 @@ from django_task_db import boundaries, conf, signals
 
 _fork_hook_registered = False
 
+# Connected when Django imports this module, before any app's ready() runs, so
+# that connections opened in another app's ready() are tracked for fork safety.
+connection_created.connect(boundaries.track, dispatch_uid="django_task_db.track")
+
 
 class TaskDbConfig(AppConfig):
     name = "django_task_db"
@@ -21,9 +25,7 @@ class TaskDbConfig(AppConfig):
         from django_task_db import checks  # noqa: F401  (registers the checks)
 
         connect_receivers()
-        connection_created.connect(
-            boundaries.track, dispatch_uid="django_task_db.track"
-        )
+        boundaries.track_open_connections()
         setting_changed.connect(
             conf.clear_cache, dispatch_uid="django_task_db.clear_cache"
         )
@@ -53,7 +55,11 @@ def register_fork_hook() -> None:
     # os.register_at_fork has no way to unregister: register once per process.
     global _fork_hook_registered
     if not _fork_hook_registered:
-        os.register_at_fork(after_in_child=boundaries.after_fork_in_child)
+        os.register_at_fork(
+            before=boundaries.before_fork,
+            after_in_parent=boundaries.after_fork_in_parent,
+            after_in_child=boundaries.after_fork_in_child,
+        )
         _fork_hook_registered = True
 
 

@@ -7,6 +7,7 @@ already open: a connection is never opened in order to be closed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -99,12 +100,13 @@ def stop_worker() -> None:
     for connection in _open_connections():
         if not _left_in_atomic_block(connection, "stop", strategies.close_all):
             _act(connection, "finish", strategies.close_all, "worker_stopping")
-    for connection in connections.all():
-        # Django's PostgreSQL pools live in a class attribute, shared by the
-        # threads: the one that pops a pool closes it, once.
-        registry = getattr(type(connection), "_connection_pools", None)
-        pool = registry.pop(connection.alias, None) if registry else None
-        if pool is not None:
+    pid = os.getpid()
+    for pool, (owner, registry, alias, _) in _snapshot(_pools):
+        # The registry is shared by the threads: the one that pops a pool
+        # closes it, once.
+        if owner != pid or registry.get(alias) is not pool:
+            continue
+        if registry.pop(alias, None) is pool:
             pool.close()
 
 
@@ -131,17 +133,17 @@ def discard_inherited() -> None:
     closing the driver's connection then tells the server nothing.
     """
     pid = os.getpid()
-    connections_ = [c for c, owner in list(_owners.items()) if owner != pid]
-    pools = [(p, info) for p, info in list(_pools.items()) if info[0] != pid]
+    connections_ = [c for c, owner in _snapshot(_owners) if owner != pid]
+    pools = [(p, info) for p, info in _snapshot(_pools) if info[0] != pid]
     if not connections_ and not pools:
         return
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         for connection in connections_:
-            del _owners[connection]
+            _owners.pop(connection, None)
             _discard(connection, devnull)
         for pool, (_, registry, alias, error) in pools:
-            del _pools[pool]
+            _pools.pop(pool, None)
             if registry.get(alias) is pool:
                 del registry[alias]
             # psycopg_pool keeps the idle connections in ``_pool``.
@@ -152,21 +154,65 @@ def discard_inherited() -> None:
         os.close(devnull)
 
 
+_gc_was_enabled = True
+
+
+def before_fork() -> None:
+    # A collection in the child before discard_inherited has run would
+    # finalize inherited connections that only other threads referred to,
+    # and their drivers would say goodbye on the parent's sockets.
+    global _gc_was_enabled
+    _gc_was_enabled = gc.isenabled()
+    gc.disable()
+
+
+def after_fork_in_parent() -> None:
+    if _gc_was_enabled:
+        gc.enable()
+
+
 def after_fork_in_child() -> None:
-    if conf.get("FORK_SAFETY"):
-        discard_inherited()
+    # The child is not inside the parent's unit of work: its scopes act.
+    in_unit.set(False)
+    try:
+        enabled = conf.get("FORK_SAFETY")
+    except conf.SettingError as exc:
+        logger.error("%s Discarding inherited connections all the same.", exc)
+        enabled = True
+    try:
+        if enabled:
+            discard_inherited()
+    finally:
+        after_fork_in_parent()
 
 
 def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     """Receiver of Django's connection_created: remember who opened it."""
     pid = os.getpid()
     _owners[connection] = pid
-    # Django's PostgreSQL pool lives in a class attribute, shared by threads.
-    registry = getattr(type(connection), "_connection_pools", None)
-    if registry and connection.alias in registry:
-        pool = registry[connection.alias]
-        error = connection.Database.Error  # type: ignore[attr-defined]
-        _pools[pool] = (pid, registry, connection.alias, error)
+    if connection.vendor == "postgresql":
+        # Django's PostgreSQL pools live in a class attribute, by alias.
+        registry = getattr(type(connection), "_connection_pools", {})
+        pool = registry.get(connection.alias)
+        if pool is not None:
+            error = connection.Database.Error  # type: ignore[attr-defined]
+            _pools[pool] = (pid, registry, connection.alias, error)
+
+
+def track_open_connections() -> None:
+    """Track the connections this thread opened before the app was ready."""
+    for connection in _open_connections():
+        if connection not in _owners:
+            track(connection=connection)
+
+
+def _snapshot(weak: WeakKeyDictionary[Any, Any]) -> list[tuple[Any, Any]]:
+    """The live items of a weak dict, even while other threads add to it."""
+    return [
+        (key, value)
+        for ref, value in weak.data.copy().items()  # type: ignore[attr-defined]
+        if (key := ref()) is not None
+    ]
 
 
 def _open_connections() -> list[BaseDatabaseWrapper]:
@@ -242,15 +288,17 @@ def _discard(connection: BaseDatabaseWrapper, devnull: int) -> None:
 
 
 def _detach(raw: Any, devnull: int, errors: tuple[type[BaseException], ...]) -> None:
+    # Kept referenced, never finalized: a driver may say goodbye then too.
+    _inherited.append(raw)
     try:
         fd = raw.fileno()
     except errors:
-        fd = -1
-    if fd >= 0:
-        os.dup2(devnull, fd)
+        # No descriptor to point elsewhere (PyMySQL, SQLite...): closing it
+        # could still talk to the server, so it is only dropped.
+        return
+    os.dup2(devnull, fd)
     with contextlib.suppress(*errors):
         raw.close()
-    _inherited.append(raw)
 
 
 def _send_closed(connection: BaseDatabaseWrapper, reason: str) -> None:

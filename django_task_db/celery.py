@@ -27,6 +27,11 @@ _replaced: WeakSet[Any] = WeakSet()
 # it, so they are closed at the end of every task, whatever the strategy.
 _green = False
 
+# The app of the worker this process belongs to (set at worker_init, which
+# prefork children inherit), and the errors about TASK_DB already logged.
+_app: Any = None
+_logged: set[str] = set()
+
 
 def connect() -> None:
     for celery_signal, receiver in (
@@ -50,11 +55,13 @@ def replace_fixup(app: Any, worker: Any = None) -> None:
     close every connection); leave the rest of the fixup in place.
 
     Tried when ``worker`` starts, which works if the fixup has installed its
-    handlers for that worker already: receivers run in the order they were
-    connected, and Django may have been set up before the Celery app existed.
-    Otherwise tried again before the process's first task (``worker`` None).
+    handlers for that worker already (receivers run in the order they were
+    connected, and Django may have been set up before the Celery app
+    existed; Celery before 5.6 does not say), then in each prefork child and
+    before a process's first task (``worker`` None), when it has. While
+    TASK_DB is invalid the fixup stays in charge: it closes everything.
     """
-    if app in _replaced or not conf.get("REPLACE_CELERY_FIXUP"):
+    if app in _replaced or not conf.get("REPLACE_CELERY_FIXUP") or not _valid():
         return
     for fixup in getattr(app, "_fixups", ()):
         worker_fixup = getattr(fixup, "_worker_fixup", None)
@@ -71,8 +78,38 @@ def replace_fixup(app: Any, worker: Any = None) -> None:
     _replaced.add(app)
 
 
+def _valid() -> bool:
+    """Whether TASK_DB can be applied; if not, say so once."""
+    try:
+        conf.strategies_for()
+        for key in conf.DEFAULTS:
+            conf.get(key)
+    except conf.SettingError as exc:
+        _log_once(f"{exc} Celery's Django fixup stays in charge of the connections.")
+        return False
+    return True
+
+
+def _task_strategy(task: Any) -> Any:
+    """The task's db_strategy, or None (TASK_DB's) when it has none or a bad one."""
+    spec = getattr(task, "db_strategy", None)
+    if spec is not None:
+        try:
+            conf.load(spec, f"db_strategy of the task {_name(task)!r}")
+        except conf.SettingError as exc:
+            _log_once(f"{exc} TASK_DB applies to that task instead.")
+            return None
+    return spec
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.error(message)
+
+
 def _enabled() -> bool:
-    return bool(conf.get("CELERY"))
+    return conf.get("CELERY") is True
 
 
 def _is_eager(task: Any) -> bool:
@@ -80,22 +117,20 @@ def _is_eager(task: Any) -> bool:
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-    global _green
+    global _green, _app
     try:
         if not _enabled():
             return
         pool = getattr(sender, "pool_cls", "")
         pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
         _green = "gevent" in pool_name or "eventlet" in pool_name
-        app = getattr(sender, "app", None)
-        if app is not None:
+        _app = getattr(sender, "app", None)
+        if _app is not None:
             # A new worker for this app: its fixup connects its handlers again.
-            _replaced.discard(app)
-            replace_fixup(app, worker=sender)
-            for task in list(app.tasks.values()):
-                strategy = getattr(task, "db_strategy", None)
-                if strategy is not None:
-                    conf.load(strategy, f"db_strategy of the task {task.name!r}")
+            _replaced.discard(_app)
+            replace_fixup(_app, worker=sender)
+            for task in list(_app.tasks.values()):
+                _task_strategy(task)
     except Exception:
         logger.exception("django_task_db could not set up the Celery worker.")
 
@@ -103,6 +138,8 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
 def _on_worker_process_init(**kwargs: Any) -> None:
     try:
         if _enabled():
+            if _app is not None:
+                replace_fixup(_app)
             signals.worker_process_started.send(sender=None)
     except Exception:
         logger.exception("django_task_db failed in worker_process_init.")
@@ -114,9 +151,9 @@ def _on_task_prerun(sender: Any = None, task: Any = None, **kwargs: Any) -> None
         if not _enabled() or _is_eager(task):
             return
         replace_fixup(task.app)
-        signals.task_started.send(
-            sender=task, strategy=getattr(task, "db_strategy", None)
-        )
+        signals.task_started.send(sender=task, strategy=_task_strategy(task))
+    except conf.SettingError as exc:
+        _log_once(str(exc))
     except Exception:
         logger.exception("django_task_db failed before the task %r.", _name(task))
 
@@ -131,8 +168,10 @@ def _on_task_postrun(
         signals.task_finished.send(
             sender=task,
             failed=state != states.SUCCESS,
-            strategy="close_all" if _green else getattr(task, "db_strategy", None),
+            strategy="close_all" if _green else _task_strategy(task),
         )
+    except conf.SettingError as exc:
+        _log_once(str(exc))
     except Exception:
         logger.exception("django_task_db failed after the task %r.", _name(task))
 

@@ -94,6 +94,7 @@ def _check_pool_health_checks() -> list[CheckMessage]:
             id="django_task_db.W001",
         )
         for alias, database in databases.items()
-        if database.get("OPTIONS", {}).get("pool")
+        if database.get("ENGINE", "").endswith("postgresql")
+        and database.get("OPTIONS", {}).get("pool")
         and not database.get("CONN_HEALTH_CHECKS", False)
     ]

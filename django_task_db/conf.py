@@ -29,14 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "CELERY": True,
     "REPLACE_CELERY_FIXUP": True,
 }
-BOOLEAN_KEYS = (
-    "HEALTH_CHECKS",
-    "CLOSE_ON_FAILURE",
-    "CLOSE_CACHES",
-    "FORK_SAFETY",
-    "CELERY",
-    "REPLACE_CELERY_FIXUP",
-)
+BOOLEAN_KEYS = tuple(key for key, value in DEFAULTS.items() if isinstance(value, bool))
 
 BUILTIN_STRATEGIES: dict[str, Strategy] = {
     "close_old": strategies.close_old,

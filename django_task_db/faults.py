@@ -14,11 +14,17 @@ MYSQL_CODES = frozenset({0, 1927, 2006, 2013, 2014, 2045, 2055, 4031})
 # idle_session_timeout.
 POSTGRES_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 
-# psycopg's own errors about the connection carry no SQLSTATE: only a text.
+# psycopg's and libpq's errors about the connection carry no SQLSTATE: only a
+# text.
 POSTGRES_MESSAGES = (
     "server closed the connection unexpectedly",
     "the connection is closed",
+    "the connection is lost",
     "connection already closed",
+    "could not send data to server",
+    "no connection to the server",
+    "SSL SYSCALL error: EOF detected",
+    "SSL connection has been closed unexpectedly",
 )
 
 

@@ -10,7 +10,7 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import iscoroutinefunction, sync_to_async
 
 from django_task_db import boundaries
 from django_task_db.boundaries import in_unit
@@ -55,6 +55,7 @@ class TaskScope:
         self.retry_on_disconnect = retry_on_disconnect
 
     def __enter__(self) -> None:
+        self._only_decorators_retry()
         if self._push():
             try:
                 task_started.send(self.sender, strategy=self.strategy)
@@ -75,6 +76,7 @@ class TaskScope:
                 )
 
     async def __aenter__(self) -> None:
+        self._only_decorators_retry()
         # Django's synchronous connections live in the thread that
         # sync_to_async(thread_sensitive=True) runs in: clean up there.
         if self._push():
@@ -111,14 +113,18 @@ class TaskScope:
         strategy = self.strategy
         retries = self.retry_on_disconnect
 
-        if inspect.iscoroutinefunction(func):
+        # Retries never happen inside an outer unit (only the outermost acts)
+        # nor inside an atomic block (the transaction is the caller's).
+        if iscoroutinefunction(func) or iscoroutinefunction(type(func).__call__):
 
             @functools.wraps(func)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
                 in_atomic = sync_to_async(
                     boundaries.in_atomic_block, thread_sensitive=True
                 )
-                allowed = retries if retries and not await in_atomic() else 0
+                allowed = 0
+                if retries and not in_unit.get() and not await in_atomic():
+                    allowed = retries
                 for attempt in itertools.count(1):
                     try:
                         async with TaskScope(strategy=strategy, sender=sender):
@@ -134,7 +140,9 @@ class TaskScope:
 
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
-            allowed = retries if retries and not boundaries.in_atomic_block() else 0
+            allowed = 0
+            if retries and not in_unit.get() and not boundaries.in_atomic_block():
+                allowed = retries
             for attempt in itertools.count(1):
                 try:
                     with TaskScope(strategy=strategy, sender=sender):
@@ -145,6 +153,13 @@ class TaskScope:
                 boundaries.close_broken()
 
         return run  # type: ignore[return-value]
+
+    def _only_decorators_retry(self) -> None:
+        if self.retry_on_disconnect:
+            raise TypeError(
+                "retry_on_disconnect needs task_scope as a decorator: a with "
+                "block cannot be run again."
+            )
 
     @staticmethod
     def _push() -> bool:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 
@@ -19,10 +21,18 @@ _reachable: dict[str, str | None] = {}
 @pytest.fixture(autouse=True)
 def _database_access(django_db_blocker: Any) -> Iterator[None]:
     """Tests manage real connections themselves, outside pytest-django's test
-    databases and transactions; each test ends with every connection closed."""
+    databases and transactions; each test ends with the connections of the
+    main thread and of asgiref's executor thread closed."""
     with django_db_blocker.unblock():
         yield
         connections.close_all()
+        # And those of the thread where asgiref runs thread-sensitive code
+        # outside async_to_sync (async scopes, the async ORM).
+        asyncio.run(_close_executor_connections())
+
+
+async def _close_executor_connections() -> None:
+    await sync_to_async(connections.close_all, thread_sensitive=True)()
 
 
 def _prepare(alias: str) -> str | None:

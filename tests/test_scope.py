@@ -53,16 +53,8 @@ def sent() -> Iterator[Sent]:
 
 
 @pytest.fixture
-def executor_thread() -> Iterator[None]:
-    """Close, after the test, the connections of the thread where asgiref runs
-    thread-sensitive code outside async_to_sync (conftest closes only the
-    main thread's)."""
-    yield
-
-    async def close() -> None:
-        await sync_to_async(connections.close_all, thread_sensitive=True)()
-
-    asyncio.run(close())
+def executor_thread() -> None:
+    """conftest closes the executor thread's connections after every test."""
 
 
 def fail_here(error: BaseException) -> None:
