@@ -306,3 +306,14 @@ def test_bad_retry_value():
     for bad in (-1, 1.5, "2"):
         with pytest.raises(ValueError, match="retry_on_disconnect"):
             task_scope(retry_on_disconnect=bad)
+
+
+def test_no_retry_inside_an_outer_unit(direct_server, settings):
+    """A decorated call inside an outer unit never retries: only the
+    outermost scope acts."""
+    settings.TASK_DB = {"HEALTH_CHECKS": False}
+    work = Attempts(direct_server, kill_first=1)
+    with pytest.raises(OperationalError):
+        with task_scope():
+            task_scope(retry_on_disconnect=3)(work)()
+    assert work.calls == 1

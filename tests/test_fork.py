@@ -26,6 +26,7 @@ from django.db import OperationalError, connections
 from django_task_db import task_scope
 from django_task_db.signals import (
     connection_closed,
+    task_started,
     worker_process_started,
     worker_stopping,
 )
@@ -335,3 +336,50 @@ def test_worker_stopping_in_child_closes_only_its_own(
     child_session = run_child(stop_worker_in_child, direct_server)
     assert child_session != session
     assert_parent_intact(direct_server, session)
+
+
+def scopes_act_in_child() -> int:
+    """Count the task_started a scope of the child sends."""
+    sent: list[object] = []
+    task_started.connect(lambda **kw: sent.append(kw), weak=False, dispatch_uid="c")
+    with task_scope():
+        pass
+    return len(sent)
+
+
+def test_fork_inside_a_unit_child_scopes_act(sqlite):
+    """A child forked inside a unit is not inside it: its own scopes act."""
+    with task_scope():
+        assert run_child(scopes_act_in_child) == 1
+
+
+def nothing() -> None:
+    """A child that does nothing at all, and exits."""
+
+
+@pytest.mark.parametrize("in_child", [nothing, gc.collect])
+def test_other_threads_connection_survives_fork(direct_server, in_child):
+    """A connection that only another thread of the parent refers to is
+    garbage in the child, where that thread is gone; collecting it there must
+    not let the driver say goodbye: the parent's thread keeps its session."""
+    opened, forked, done = threading.Event(), threading.Event(), threading.Event()
+    sessions: list[int] = []
+
+    def worker() -> None:
+        sessions.append(direct_server.session_id())
+        opened.set()
+        forked.wait(TIMEOUT)
+        sessions.append(direct_server.session_id())
+        connections[direct_server.alias].close()
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert opened.wait(TIMEOUT)
+        run_child(in_child)
+    finally:
+        forked.set()
+        thread.join(TIMEOUT)
+    assert done.is_set()
+    assert sessions[0] == sessions[1]

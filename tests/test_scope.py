@@ -601,3 +601,41 @@ def test_bad_setting_raises_before_the_body_without_open_connections(sqlite, set
             with task_scope():
                 ran.append(bad)
     assert ran == []
+
+
+def test_retry_needs_the_decorator_form():
+    """retry_on_disconnect in a with block is a TypeError: a block cannot be
+    run again."""
+    with pytest.raises(TypeError, match="decorator"):
+        with task_scope(retry_on_disconnect=1):
+            pass
+
+    async def enter() -> None:
+        async with task_scope(retry_on_disconnect=1):
+            pass
+
+    with pytest.raises(TypeError, match="decorator"):
+        asyncio.run(enter())
+
+
+def test_async_callable_object_runs_inside_its_unit(sent):
+    """An object with an async __call__ is decorated as a coroutine function:
+    its body runs between task_started and task_finished."""
+    order: list[str] = []
+
+    class Handler:
+        async def __call__(self) -> None:
+            order.append("body")
+
+    task_started.connect(
+        lambda **kw: order.append("started"), weak=False, dispatch_uid="o1"
+    )
+    task_finished.connect(
+        lambda **kw: order.append("finished"), weak=False, dispatch_uid="o2"
+    )
+    try:
+        asyncio.run(task_scope(Handler())())
+    finally:
+        task_started.disconnect(dispatch_uid="o1")
+        task_finished.disconnect(dispatch_uid="o2")
+    assert order == ["started", "body", "finished"]
