@@ -85,9 +85,13 @@ def _valid() -> bool:
         for key in conf.DEFAULTS:
             conf.get(key)
     except conf.SettingError as exc:
-        _log_once(f"{exc} Celery's Django fixup stays in charge of the connections.")
+        _log_invalid(exc)
         return False
     return True
+
+
+def _log_invalid(exc: conf.SettingError) -> None:
+    _log_once(f"{exc} Celery's Django fixup stays in charge of the connections.")
 
 
 def _task_strategy(task: Any) -> Any:
@@ -153,7 +157,7 @@ def _on_task_prerun(sender: Any = None, task: Any = None, **kwargs: Any) -> None
         replace_fixup(task.app)
         signals.task_started.send(sender=task, strategy=_task_strategy(task))
     except conf.SettingError as exc:
-        _log_once(str(exc))
+        _log_invalid(exc)
     except Exception:
         logger.exception("django_task_db failed before the task %r.", _name(task))
 
@@ -171,7 +175,7 @@ def _on_task_postrun(
             strategy="close_all" if _green else _task_strategy(task),
         )
     except conf.SettingError as exc:
-        _log_once(str(exc))
+        _log_invalid(exc)
     except Exception:
         logger.exception("django_task_db failed after the task %r.", _name(task))
 

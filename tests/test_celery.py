@@ -28,6 +28,7 @@ from celery.result import AsyncResult
 from celery.worker import state as worker_state
 from django.db import OperationalError, connections, transaction
 
+from django_task_db import celery as bridge
 from django_task_db.checks import check_settings
 from tests.celery_app import (
     SESSION_ID_SQL,
@@ -52,6 +53,12 @@ TIMEOUT = 30
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Call to deprecated setex:DeprecationWarning"
 )
+
+
+@pytest.fixture(autouse=True)
+def _forget_logged_errors() -> None:
+    """The bridge logs each error about TASK_DB once per process."""
+    bridge._logged.clear()
 
 
 @pytest.fixture
@@ -487,3 +494,32 @@ def test_bad_task_strategy_is_logged_and_the_task_runs(
         for text in at_start
     )
     assert result.state == states.SUCCESS
+
+
+def test_bad_task_strategy_falls_back_to_the_setting(
+    direct_server, settings, inprocess_worker, misconfigured
+):
+    """A task with a bad db_strategy gets TASK_DB's strategy: under close_old
+    it reuses the worker's session like any other task."""
+    settings.TASK_DB = {"STRATEGY": "close_old"}
+    with inprocess_worker("solo"):
+        ids = [run(misconfigured, direct_server.alias).get(TIMEOUT) for _ in range(5)]
+        ids += run_many(session_id, 5, direct_server.alias)
+    assert len(set(ids)) == 1
+
+
+def test_invalid_task_db_leaves_the_fixup_in_charge(
+    direct_server, sessions, settings, inprocess_worker, closed, caplog
+):
+    """A bad TASK_DB in a worker is logged once and Celery's fixup keeps
+    closing every connection, instead of nobody managing them."""
+    settings.TASK_DB = {"STRATEGY": "close_sometimes"}
+    caplog.set_level(logging.ERROR, logger="django_task_db")
+    with inprocess_worker("solo"):
+        ids = run_many(session_id, 10, direct_server.alias)
+        left = sessions.wait_until_gone(set(ids))
+    assert len(set(ids)) == 10
+    assert left == set()
+    assert closed == []
+    errors = [r.getMessage() for r in caplog.records if r.name == "django_task_db"]
+    assert len([e for e in errors if "'close_sometimes'" in e]) == 1
