@@ -19,6 +19,7 @@ from weakref import WeakKeyDictionary
 from django.core.cache import close_caches
 from django.db import Error as DatabaseError
 from django.db import connections
+from django.utils.connection import ConnectionDoesNotExist
 
 from django_task_db import conf, strategies
 from django_task_db.signals import connection_closed
@@ -45,6 +46,9 @@ _owners: WeakKeyDictionary[BaseDatabaseWrapper, int] = WeakKeyDictionary()
 _pools: WeakKeyDictionary[Any, tuple[int, dict[str, Any], str, type[Exception]]] = (
     WeakKeyDictionary()
 )
+
+# The aliases connected so far in this process, in order: a set.
+_aliases: dict[str, None] = {}
 
 # What a forked child took from its parent and must never finalize (a pool's
 # __del__ waits for worker threads that did not survive the fork).
@@ -190,6 +194,7 @@ def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     """Receiver of Django's connection_created: remember who opened it."""
     pid = os.getpid()
     _owners[connection] = pid
+    _aliases[connection.alias] = None
     if connection.vendor == "postgresql":
         # Django's PostgreSQL pools live in a class attribute, by alias.
         registry = getattr(type(connection), "_connection_pools", {})
@@ -201,8 +206,8 @@ def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
 
 def track_open_connections() -> None:
     """Track the connections this thread opened before the app was ready."""
-    for connection in _open_connections():
-        if connection not in _owners:
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is not None and connection not in _owners:
             track(connection=connection)
 
 
@@ -216,9 +221,18 @@ def _snapshot(weak: WeakKeyDictionary[Any, Any]) -> list[tuple[Any, Any]]:
 
 
 def _open_connections() -> list[BaseDatabaseWrapper]:
-    return [
-        c for c in connections.all(initialized_only=True) if c.connection is not None
-    ]
+    """This thread's open connections. Only the aliases that were ever
+    connected are looked at, so that a boundary costs the same however many
+    aliases DATABASES has."""
+    found = []
+    for alias in tuple(_aliases):
+        try:
+            connection = connections[alias]
+        except ConnectionDoesNotExist:  # DATABASES changed, as tests do
+            continue
+        if connection.connection is not None:
+            found.append(connection)
+    return found
 
 
 def _left_in_atomic_block(

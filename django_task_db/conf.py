@@ -69,6 +69,10 @@ def task_db() -> dict[str, Any]:
     return value
 
 
+# The validated value of each key and the strategies of TASK_DB are cached:
+# a boundary reads several, and a setting that is absent costs an exception
+# inside Django at every read. Dropped on setting_changed, with the imports.
+@cache
 def get(key: str) -> Any:
     value = task_db().get(key, DEFAULTS[key])
     if key in BOOLEAN_KEYS and not isinstance(value, bool):
@@ -95,6 +99,11 @@ def strategies_for(
     Resolved before any connection is touched, so a bad value raises first."""
     if override is not None:
         return load(override, "the unit's strategy"), {}
+    return _settings_strategies()
+
+
+@cache
+def _settings_strategies() -> tuple[Strategy, dict[str, Strategy]]:
     aliases = {
         alias: load(spec, f"TASK_DB['ALIASES'][{alias!r}]")
         for alias, spec in get("ALIASES").items()
@@ -152,6 +161,8 @@ def _load_string(spec: str, where: str) -> Strategy:
 
 
 def clear_cache(*, setting: str, **kwargs: Any) -> None:
-    """Receiver of setting_changed: forget imported dotted paths."""
+    """Receiver of setting_changed: forget TASK_DB's values and imports."""
     if setting == "TASK_DB":
         _load_string.cache_clear()
+        get.cache_clear()
+        _settings_strategies.cache_clear()
