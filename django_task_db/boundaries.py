@@ -85,7 +85,7 @@ def finish_unit(
     for connection in _open_connections():
         chosen: conf.Strategy
         if close_on_failure:
-            chosen, reason = strategies.close_all, "failure"
+            chosen, reason = _close_after_failure, "failure"
         else:
             chosen, reason = per_alias.get(connection.alias, default), None
         if not _left_in_atomic_block(connection, "finish", chosen):
@@ -112,6 +112,19 @@ def stop_worker() -> None:
             continue
         if registry.pop(alias, None) is pool:
             pool.close()
+
+
+def _close_after_failure(connection: BaseDatabaseWrapper, phase: conf.Phase) -> None:
+    # A query interrupted on the client (a Celery soft time limit) goes on
+    # running on a PostgreSQL server, holding its locks, after the client
+    # closes its connection: cancel it first. psycopg 3 says it is running.
+    info = getattr(connection.connection, "info", None)
+    status = getattr(getattr(info, "transaction_status", None), "name", None)
+    if status == "ACTIVE":
+        cancel = getattr(connection.connection, "cancel_safe", None)
+        with contextlib.suppress(DatabaseError, connection.Database.Error):  # type: ignore[attr-defined]
+            (cancel or connection.connection.cancel)()
+    connection.close()
 
 
 def in_atomic_block() -> bool:

@@ -211,14 +211,17 @@ def test_several_problems_are_all_reported():
     ]
 
 
-def databases_with(alias, **extra):
-    return {**connections.settings, alias: {**connections.settings["default"], **extra}}
+def databases_with(alias, base="default", **extra):
+    return {**connections.settings, alias: {**connections.settings[base], **extra}}
 
 
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
 def test_w001_pool_without_conn_health_checks(settings):
-    """A pool alias lacking CONN_HEALTH_CHECKS is W001 while HEALTH_CHECKS is on."""
-    settings.DATABASES = databases_with("pooled", OPTIONS=POOL)
+    """A PostgreSQL pool alias lacking CONN_HEALTH_CHECKS is W001 while
+    HEALTH_CHECKS is on."""
+    settings.DATABASES = databases_with(
+        "pooled", "postgres", OPTIONS=POOL, CONN_HEALTH_CHECKS=False
+    )
     for task_db in ({}, {"HEALTH_CHECKS": True}):
         settings.TASK_DB = task_db
         warning = one(check_settings(None))

@@ -73,6 +73,7 @@ def test_ci_runs_the_readme_commands():
     for command in ('python -m pip install -e ".[test]"', "python -m pytest"):
         assert f"    {command}\n" in readme
         assert command in ci
-    assert "apt-get install -y build-essential libmariadb-dev pkg-config" in readme
-    assert any("apt-get install -y build-essential libmariadb-dev pkg-config" in line for line in ci)
+    apt = "apt-get install -y build-essential libmariadb-dev pkg-config"
+    assert apt in readme
+    assert any(apt in line for line in ci)
     assert "export TASK_DB_REQUIRE_SERVICES=1" in ci
