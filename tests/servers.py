@@ -7,7 +7,10 @@ directly, outside Django, so it never disturbs the connections under test.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -239,3 +242,21 @@ def make_server(alias: str) -> Server:
     if engine.endswith("mysql"):
         return MySQLServer(alias)
     return PostgresServer(alias)
+
+
+def in_every_thread(
+    executor: ThreadPoolExecutor, func: Callable[[], Any], timeout: float = 60
+) -> list[Any]:
+    """Run ``func`` once in each thread of ``executor``: a barrier holds each
+    call until all threads are running, so no thread takes two."""
+    threads = executor._max_workers
+    barrier = threading.Barrier(threads)
+
+    def call() -> tuple[int, Any]:
+        barrier.wait(timeout=timeout)
+        return threading.get_ident(), func()
+
+    futures = [executor.submit(call) for _ in range(threads)]
+    results = [f.result(timeout=timeout) for f in futures]
+    assert len({ident for ident, _ in results}) == threads
+    return [result for _, result in results]

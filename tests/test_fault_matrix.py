@@ -40,7 +40,7 @@ import traceback
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,7 @@ from tests.servers import (
     MySQLServer,
     Server,
     Sessions,
+    in_every_thread,
     local_ports,
     make_server,
     unavailable,
@@ -973,23 +974,6 @@ class Peak(threading.Thread):
             raise self.error
         assert self.samples > 0
         return self.peak
-
-
-def in_every_thread(executor: ThreadPoolExecutor, func: Callable[[], Any]) -> list[Any]:
-    """Run ``func`` once in each of the THREADS threads (a barrier holds each
-    call until all run)."""
-    barrier = threading.Barrier(THREADS)
-
-    def call() -> tuple[int, Any]:
-        barrier.wait(timeout=TIMEOUT)
-        return threading.get_ident(), func()
-
-    futures: list[Future[tuple[int, Any]]] = [
-        executor.submit(call) for _ in range(THREADS)
-    ]
-    results = [f.result(timeout=TIMEOUT) for f in futures]
-    assert len({ident for ident, _ in results}) == THREADS
-    return [result for _, result in results]
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ from django.db.backends.signals import connection_created
 
 from django_task_db import strategies, task_scope
 from django_task_db.signals import connection_closed, worker_stopping
-from tests.servers import Server, Sessions
+from tests.servers import Server, Sessions, in_every_thread
 from tests.testapp.models import Item
 
 THREADS = 8
@@ -56,23 +56,6 @@ def run_units(
     for future in futures:
         future.result(timeout=TIMEOUT)
     return peak
-
-
-def in_every_thread(executor: ThreadPoolExecutor, func: Callable[[], Any]) -> list[Any]:
-    """Run ``func`` once in each of the executor's THREADS threads: a barrier
-    holds each call until all THREADS are running, so no thread takes two."""
-    barrier = threading.Barrier(THREADS)
-
-    def call() -> tuple[int, Any]:
-        barrier.wait(timeout=TIMEOUT)
-        return threading.get_ident(), func()
-
-    futures: list[Future[tuple[int, Any]]] = [
-        executor.submit(call) for _ in range(THREADS)
-    ]
-    results = [f.result(timeout=TIMEOUT) for f in futures]
-    assert len({ident for ident, _ in results}) == THREADS
-    return [result for _, result in results]
 
 
 def close_in_this_thread() -> None:
