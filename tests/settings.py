@@ -15,8 +15,10 @@ USE_TZ = True
 INSTALLED_APPS = ["django_task_db", "tests.testapp"]
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 
-MYSQL_DATABASE = "django_task_db_tests"
-POSTGRES_APPLICATION_NAME = "django_task_db_tests"
+MYSQL_DATABASE = os.environ.get("TASK_DB_MYSQL_NAME", "django_task_db_tests")
+POSTGRES_APPLICATION_NAME = os.environ.get(
+    "TASK_DB_POSTGRES_APPLICATION_NAME", "django_task_db_tests"
+)
 
 DATABASES = {
     "default": {
