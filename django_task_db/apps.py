@@ -8,13 +8,13 @@ from django.apps import AppConfig
 from django.core.signals import setting_changed
 from django.db.backends.signals import connection_created
 
-from django_task_db import boundaries, conf, signals
+from django_task_db import boundaries, conf, forks, signals, tracking, units
 
 _fork_hook_registered = False
 
 # Connected when Django imports this module, before any app's ready() runs, so
-# that connections opened in another app's ready() are tracked for fork safety.
-connection_created.connect(boundaries.track, dispatch_uid="django_task_db.track")
+# that connections opened in another app's ready() are tracked too.
+connection_created.connect(tracking.track, dispatch_uid="django_task_db.track")
 
 
 class TaskDbConfig(AppConfig):
@@ -25,15 +25,15 @@ class TaskDbConfig(AppConfig):
         from django_task_db import checks  # noqa: F401  (registers the checks)
 
         connect_receivers()
-        boundaries.track_open_connections()
+        tracking.track_open_connections()
         setting_changed.connect(
             conf.clear_cache, dispatch_uid="django_task_db.clear_cache"
         )
         register_fork_hook()
         if importlib.util.find_spec("celery") is not None:
-            from django_task_db import celery
+            from django_task_db import celery_bridge
 
-            celery.connect()
+            celery_bridge.connect()
 
 
 def connect_receivers() -> None:
@@ -49,6 +49,7 @@ def connect_receivers() -> None:
     signals.worker_stopping.connect(
         _on_worker_stopping, dispatch_uid="django_task_db.worker_stopping"
     )
+    signals.receivers_connected = True
 
 
 def register_fork_hook() -> None:
@@ -56,25 +57,25 @@ def register_fork_hook() -> None:
     global _fork_hook_registered
     if not _fork_hook_registered:
         os.register_at_fork(
-            before=boundaries.before_fork,
-            after_in_parent=boundaries.after_fork_in_parent,
-            after_in_child=boundaries.after_fork_in_child,
+            before=forks.before_fork,
+            after_in_parent=forks.after_fork_in_parent,
+            after_in_child=forks.after_fork_in_child,
         )
         _fork_hook_registered = True
 
 
 def _on_task_started(strategy: conf.StrategySpec | None = None, **kwargs: Any) -> None:
-    boundaries.start_unit(strategy)
+    boundaries.start_unit(strategy, units.handed_over.get())
 
 
 def _on_task_finished(
     failed: bool = False, strategy: conf.StrategySpec | None = None, **kwargs: Any
 ) -> None:
-    boundaries.finish_unit(bool(failed), strategy)
+    boundaries.finish_unit(bool(failed), strategy, units.handed_over.get())
 
 
 def _on_worker_process_started(**kwargs: Any) -> None:
-    boundaries.discard_inherited()
+    forks.discard_inherited()
 
 
 def _on_worker_stopping(**kwargs: Any) -> None:

@@ -59,7 +59,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                     id="django_task_db.E004",
                 )
             )
-    if value.get("HEALTH_CHECKS", True):
+    if value.get("HEALTH_CHECKS", True) is True:
         errors += _check_pool_health_checks()
     if (
         value.get("CELERY", True)
@@ -94,7 +94,8 @@ def _check_pool_health_checks() -> list[CheckMessage]:
             id="django_task_db.W001",
         )
         for alias, database in databases.items()
-        if database.get("ENGINE", "").endswith("postgresql")
-        and database.get("OPTIONS", {}).get("pool")
+        if str(database.get("ENGINE", "")).endswith("postgresql")
+        and isinstance(options := database.get("OPTIONS"), dict)
+        and options.get("pool")
         and not database.get("CONN_HEALTH_CHECKS", False)
     ]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
 
+from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
@@ -115,9 +116,10 @@ def load(spec: StrategySpec, where: str) -> Strategy:
     """Turn a strategy name, dotted path or callable into a callable.
 
     ``where`` names the setting or argument the value came from, for the
-    error message.
+    error message. Raises SettingError.
     """
     if callable(spec):
+        _reject_coroutine_function(spec, where, spec)
         return spec
     if not isinstance(spec, str):
         raise SettingError(
@@ -141,15 +143,22 @@ def _load_string(spec: str, where: str) -> Strategy:
             HINT_STRATEGY,
         )
     hint = "Check the module and attribute names, and that the module imports."
-    try:
-        strategy = import_string(spec)
-    except ImportError as exc:
+    strategy, error = _import(spec)
+    if isinstance(error, ImportError):
         raise SettingError(
-            f"{where} is {spec!r}, which does not import ({exc}); "
+            f"{where} is {spec!r}, which does not import ({error}); "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",
             hint,
-        ) from exc
+        )
+    if error is not None:
+        raise SettingError(
+            f"{where} is {spec!r}, whose module raised "
+            f"{type(error).__name__}: {error} when imported; "
+            f"allowed: {ALLOWED_STRATEGIES}.",
+            "django_task_db.E006",
+            hint,
+        )
     if not callable(strategy):
         raise SettingError(
             f"{where} is {spec!r}, which imports a {type(strategy).__name__}, "
@@ -157,12 +166,37 @@ def _load_string(spec: str, where: str) -> Strategy:
             "django_task_db.E006",
             hint,
         )
+    _reject_coroutine_function(strategy, where, spec)
     return strategy  # type: ignore[no-any-return]
+
+
+@cache
+def _import(path: str) -> tuple[Any, Exception | None]:
+    """Import ``path`` once, failure included: a module that raises at
+    import would raise again, and run its side effects again, every time."""
+    try:
+        return import_string(path), None
+    except Exception as exc:
+        return None, exc
+
+
+def _reject_coroutine_function(strategy: Any, where: str, spec: object) -> None:
+    if iscoroutinefunction(strategy) or iscoroutinefunction(
+        getattr(type(strategy), "__call__", None)
+    ):
+        raise SettingError(
+            f"{where} is {spec!r}, a coroutine function: strategies are called "
+            "in the thread that owns the connection and are never awaited; "
+            f"allowed: {ALLOWED_STRATEGIES}.",
+            "django_task_db.E006",
+            "Make the strategy a plain (synchronous) function.",
+        )
 
 
 def clear_cache(*, setting: str, **kwargs: Any) -> None:
     """Receiver of setting_changed: forget TASK_DB's values and imports."""
     if setting == "TASK_DB":
         _load_string.cache_clear()
+        _import.cache_clear()
         get.cache_clear()
         _settings_strategies.cache_clear()

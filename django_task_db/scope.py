@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -12,30 +14,30 @@ from typing import Any, TypeVar, overload
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
 
-from django_task_db import boundaries
-from django_task_db.boundaries import in_unit
+from django_task_db import boundaries, units
 from django_task_db.conf import StrategySpec
 from django_task_db.faults import is_disconnect
 from django_task_db.signals import task_finished, task_started
+from django_task_db.units import Unit
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 logger = logging.getLogger("django_task_db")
 
-# One entry per ``with`` in progress in this context (thread or asyncio task),
-# innermost last: the token of the outermost, None for the others. Kept here,
-# not on the scope, so one scope object may be entered again while in use.
-_tokens: ContextVar[tuple[Token[bool] | None, ...]] = ContextVar(
-    "django_task_db_tokens", default=()
-)
+# What one ``with`` of a scope entered: the unit it started (None when it
+# is inner), the token that made that unit current, and the thread and
+# asyncio task it was entered in.
+_Entry = tuple[Unit | None, "Token[Unit | None] | None", int, "asyncio.Task[Any] | None"]
 
 
 class TaskScope:
     """A unit of work: fires task_started on entry and task_finished on exit.
 
-    Only the outermost scope of a thread (or asyncio task) acts; inner ones,
-    and scopes inside a unit started by a runner's own signals, run their
-    body and nothing else. The body's exception is re-raised unchanged.
+    Only a scope that is not nested in a unit of the same thread and asyncio
+    task acts; inner ones, and scopes inside a unit started by a runner's own
+    signals, run their body and nothing else. The body's exception is
+    re-raised unchanged. A GeneratorExit (a generator closed before its end)
+    is not a failure.
     """
 
     def __init__(
@@ -45,7 +47,11 @@ class TaskScope:
         sender: Any = None,
         retry_on_disconnect: int = 0,
     ):
-        if not isinstance(retry_on_disconnect, int) or retry_on_disconnect < 0:
+        if (
+            isinstance(retry_on_disconnect, bool)
+            or not isinstance(retry_on_disconnect, int)
+            or retry_on_disconnect < 0
+        ):
             raise ValueError(
                 f"retry_on_disconnect is {retry_on_disconnect!r}; allowed: a "
                 "whole number of retries, 0 (the default) or more."
@@ -53,15 +59,21 @@ class TaskScope:
         self.strategy = strategy
         self.sender = sender
         self.retry_on_disconnect = retry_on_disconnect
+        # One entry per ``with`` in progress: one scope object may be entered
+        # again while in use, and by several threads.
+        self._entries: list[_Entry] = []
 
     def __enter__(self) -> None:
         self._only_decorators_retry()
-        if self._push():
-            try:
-                task_started.send(self.sender, strategy=self.strategy)
-            except BaseException:
-                self._pop()
-                raise
+        thread, task = threading.get_ident(), units.current_task()
+        unit = units.current.get()
+        if unit is not None and unit.encloses_sync_code():
+            self._entries.append((None, None, thread, task))
+            return
+        unit = Unit(task, thread)
+        with _handing_over(unit):
+            task_started.send(self.sender, strategy=self.strategy)
+        self._entries.append((unit, units.current.set(unit), thread, task))
 
     def __exit__(
         self,
@@ -69,24 +81,28 @@ class TaskScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._pop():
-            with _unless_failed(exc):
+        unit = self._leave()
+        if unit is not None:
+            with _unless_failed(exc), _handing_over(unit, ending=True):
                 task_finished.send(
-                    self.sender, failed=exc is not None, strategy=self.strategy
+                    self.sender, failed=_failed(exc), strategy=self.strategy
                 )
 
     async def __aenter__(self) -> None:
         self._only_decorators_retry()
+        thread, task = threading.get_ident(), units.current_task()
+        unit = units.current.get()
+        if unit is not None and unit.encloses_async_code(task):
+            self._entries.append((None, None, thread, task))
+            return
         # Django's synchronous connections live in the thread that
-        # sync_to_async(thread_sensitive=True) runs in: clean up there.
-        if self._push():
-            try:
-                await sync_to_async(task_started.send, thread_sensitive=True)(
-                    self.sender, strategy=self.strategy
-                )
-            except BaseException:
-                self._pop()
-                raise
+        # sync_to_async(thread_sensitive=True) runs in: the unit starts there.
+        unit = Unit(task)
+        with _handing_over(unit):
+            await sync_to_async(task_started.send, thread_sensitive=True)(
+                self.sender, strategy=self.strategy
+            )
+        self._entries.append((unit, units.current.set(unit), thread, task))
 
     async def __aexit__(
         self,
@@ -94,15 +110,17 @@ class TaskScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._pop():
-            with _unless_failed(exc):
+        unit = self._leave()
+        if unit is not None:
+            with _unless_failed(exc), _handing_over(unit, ending=True):
                 await sync_to_async(task_finished.send, thread_sensitive=True)(
-                    self.sender, failed=exc is not None, strategy=self.strategy
+                    self.sender, failed=_failed(exc), strategy=self.strategy
                 )
 
     def __call__(self, func: F) -> F:
         """Decorate ``func`` (a function or a coroutine function) so that each
         call runs in a scope of its own."""
+        _check_decorated(func)
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
             raise TypeError(
                 f"task_scope cannot decorate the generator function {func.__name__}"
@@ -114,16 +132,16 @@ class TaskScope:
         retries = self.retry_on_disconnect
 
         # Retries never happen inside an outer unit (only the outermost acts)
-        # nor inside an atomic block (the transaction is the caller's).
+        # nor inside a transaction of the caller's.
         if iscoroutinefunction(func) or iscoroutinefunction(type(func).__call__):
 
             @functools.wraps(func)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
-                in_atomic = sync_to_async(
-                    boundaries.in_atomic_block, thread_sensitive=True
+                in_transaction = sync_to_async(
+                    boundaries.caller_in_transaction, thread_sensitive=True
                 )
                 allowed = 0
-                if retries and not in_unit.get() and not await in_atomic():
+                if retries and not units.in_unit() and not await in_transaction():
                     allowed = retries
                 for attempt in itertools.count(1):
                     try:
@@ -141,7 +159,11 @@ class TaskScope:
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
             allowed = 0
-            if retries and not in_unit.get() and not boundaries.in_atomic_block():
+            if (
+                retries
+                and not units.in_unit()
+                and not boundaries.caller_in_transaction()
+            ):
                 allowed = retries
             for attempt in itertools.count(1):
                 try:
@@ -161,22 +183,60 @@ class TaskScope:
                 "block cannot be run again."
             )
 
-    @staticmethod
-    def _push() -> bool:
-        """Enter a ``with``; return whether it is the outermost, which acts."""
-        token = None if in_unit.get() else in_unit.set(True)
-        _tokens.set((*_tokens.get(), token))
-        return token is not None
+    def _leave(self) -> Unit | None:
+        """Leave a ``with``: the unit it started, or None if it was inner.
 
-    @staticmethod
-    def _pop() -> bool:
-        """Leave a ``with``; return whether it was the outermost."""
-        *outer, token = _tokens.get()
-        _tokens.set(tuple(outer))
-        if token is None:
-            return False
-        in_unit.reset(token)
-        return True
+        The entry is this thread and task's latest one; failing that (a
+        generator closed in another thread), the latest of all.
+        """
+        thread, task = threading.get_ident(), units.current_task()
+        entries = self._entries
+        index = next(
+            (
+                i
+                for i in range(len(entries) - 1, -1, -1)
+                if entries[i][2] == thread and entries[i][3] is task
+            ),
+            len(entries) - 1,
+        )
+        unit, token, _, _ = entries.pop(index)
+        if unit is not None and token is not None and units.current.get() is unit:
+            try:
+                units.current.reset(token)
+            except ValueError:  # the token belongs to another context
+                units.current.set(None)
+        return unit
+
+
+def _failed(exc: BaseException | None) -> bool:
+    # A generator closed early (a consumer's break) ends its unit normally.
+    return exc is not None and not isinstance(exc, GeneratorExit)
+
+
+@contextmanager
+def _handing_over(unit: Unit, ending: bool = False) -> Iterator[None]:
+    """Hand ``unit`` to the app's receivers while the signal is sent. If
+    sending fails, or no receiver took the unit, the unit is over: nothing
+    leaves its thread inside a unit."""
+    token = units.handed_over.set(unit)
+    try:
+        yield
+    except BaseException:
+        unit.end()
+        raise
+    finally:
+        units.handed_over.reset(token)
+    if ending:
+        unit.end()
+
+
+def _check_decorated(func: Any) -> None:
+    if isinstance(func, str) or not callable(func):
+        raise TypeError(
+            f"task_scope got {func!r} ({type(func).__name__}) as a positional "
+            "argument, which must be the function to decorate; its options are "
+            f"keyword arguments only. For a strategy: task_scope(strategy={func!r})."
+        )
 
 
 def _retry(
@@ -239,6 +299,8 @@ def task_scope(
     database connection was lost (see is_disconnect), unless it was called
     inside an atomic block.
     """
+    if func is not None:
+        _check_decorated(func)
     scope = TaskScope(
         strategy=strategy, sender=sender, retry_on_disconnect=retry_on_disconnect
     )

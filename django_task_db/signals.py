@@ -12,6 +12,10 @@ Any runner fires them itself; the app's receivers apply ``TASK_DB``.
 - ``worker_stopping(sender)``: the worker is about to exit: every
   connection of this thread is closed, and Django's connection pools too.
 
+Any object can be the sender, hashable or not. Sending one of these before
+the app is ready raises ImproperlyConfigured: without its receivers they
+would do nothing.
+
 Sent by the app:
 
 - ``connection_closed(sender, alias, reason)``: a connection was closed
@@ -22,10 +26,74 @@ Sent by the app:
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING, Any
+
+from django.core.exceptions import ImproperlyConfigured
 from django.dispatch import Signal
 
-task_started = Signal()
-task_finished = Signal()
-worker_process_started = Signal()
-worker_stopping = Signal()
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+logger = logging.getLogger("django_task_db")
+
+# Set by the app's ready(), once its receivers are connected.
+receivers_connected = False
+
+
+class _AnySender(dict[Any, Any]):
+    """Django's Signal.send looks every sender up in this dict (empty, as
+    the signals do not cache): a dict or a list as sender raised TypeError."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            return super().get(key, default)
+        except TypeError:
+            return default
+
+
+class BoundarySignal(Signal):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sender_receivers_cache = _AnySender()
+
+    def send(self, sender: Any, **named: Any) -> list[tuple[Any, Any]]:
+        if not receivers_connected:
+            _not_ready()
+        return super().send(sender, **named)
+
+
+def _not_ready() -> None:
+    from django.apps import apps
+
+    if apps.ready and not apps.is_installed("django_task_db"):
+        raise ImproperlyConfigured(
+            "django_task_db is not in INSTALLED_APPS, so task_scope and its "
+            "signals would do nothing to the database connections. Add "
+            "'django_task_db' to INSTALLED_APPS."
+        )
+    raise ImproperlyConfigured(
+        "A django_task_db signal was sent before Django's apps were ready, so "
+        "nothing would have handled it. Call django.setup() first (manage.py "
+        "and Celery's Django fixup do)."
+    )
+
+
+task_started = BoundarySignal()
+task_finished = BoundarySignal()
+worker_process_started = BoundarySignal()
+worker_stopping = BoundarySignal()
 connection_closed = Signal()
+
+
+def send_closed(connection: BaseDatabaseWrapper, reason: str) -> None:
+    """Send connection_closed; log what its receivers raise."""
+    for receiver, result in connection_closed.send_robust(
+        type(connection), alias=connection.alias, reason=reason
+    ):
+        if isinstance(result, Exception):
+            logger.error(
+                "A receiver of connection_closed, %r, raised.",
+                receiver,
+                exc_info=result,
+            )

@@ -28,7 +28,7 @@ from celery.result import AsyncResult
 from celery.worker import state as worker_state
 from django.db import OperationalError, connections, transaction
 
-from django_task_db import celery as bridge
+from django_task_db import celery_bridge as bridge
 from django_task_db.checks import check_settings
 from tests.celery_app import (
     SESSION_ID_SQL,
@@ -230,7 +230,7 @@ def bridge_after_fixup() -> Iterator[None]:
     first)."""
     signal = celery_signals.worker_init
     saved = list(signal.receivers)
-    ours = [r for r in saved if r[0][0] == "django_task_db.celery._on_worker_init"]
+    ours = [r for r in saved if r[0][0] == "django_task_db.celery_bridge._on_worker_init"]
     assert ours
     signal.receivers[:] = [r for r in saved if r not in ours] + ours
     signal.sender_receivers_cache.clear()

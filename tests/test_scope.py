@@ -15,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from django_task_db import TaskScope, task_scope
-from django_task_db.boundaries import in_unit
+from django_task_db.units import in_unit
 from django_task_db.signals import task_finished, task_started
 from tests.testapp.models import Item
 
@@ -67,10 +67,10 @@ def fail_here(error: BaseException) -> None:
 def test_context_manager(sent):
     """with task_scope(): task_started, then task_finished(failed=False)."""
     with task_scope() as value:
-        assert in_unit.get()
+        assert in_unit()
         assert len(sent.started) == 1 and sent.finished == []
     assert value is None
-    assert not in_unit.get()
+    assert not in_unit()
     assert sent.started == [{"sender": None, "signal": task_started, "strategy": None}]
     assert sent.finished == [
         {"sender": None, "signal": task_finished, "failed": False, "strategy": None}
@@ -92,7 +92,7 @@ def test_bare_decorator(sent):
     @task_scope
     def add(a, b, *, scale=1):
         """Add, then scale."""
-        assert in_unit.get()
+        assert in_unit()
         return (a + b) * scale
 
     assert add.__name__ == "add"
@@ -103,7 +103,7 @@ def test_bare_decorator(sent):
     assert len(sent.started) == len(sent.finished) == 2
     assert all(s["sender"] is add.__wrapped__ for s in sent.started + sent.finished)
     assert [s["failed"] for s in sent.finished] == [False, False]
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 def test_decorator_with_empty_parentheses(sent):
@@ -166,8 +166,8 @@ def test_scope_instance_used_again_in_sequence(sent):
     assert isinstance(scope, TaskScope)
     for _ in range(3):
         with scope:
-            assert in_unit.get()
-        assert not in_unit.get()
+            assert in_unit()
+        assert not in_unit()
     assert len(sent.started) == len(sent.finished) == 3
 
 
@@ -178,9 +178,9 @@ def test_scope_instance_reentered_while_active(sent):
         with scope:
             pass
         assert sent.finished == []
-        assert in_unit.get()
+        assert in_unit()
     assert len(sent.started) == len(sent.finished) == 1
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 # -- Failures ------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_exception_reraised_unchanged(sent):
         -1
     ] == "fail_here"
     assert [s["failed"] for s in sent.finished] == [True]
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 def test_decorated_function_exception_unchanged(sent):
@@ -232,7 +232,7 @@ def test_keyboard_interrupt_counts_as_failed(sqlite, settings, sent, closed):
     assert raised.value is interrupt
     assert sent.finished[0]["failed"] is True
     assert closed == [("default", "failure")]
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 def test_system_exit_from_decorated_function(sent):
@@ -272,15 +272,15 @@ def test_nested_scopes_only_outermost_sends(sent):
         with task_scope(sender="inner"):
             with task_scope():
                 assert inner(1) == 2
-        assert in_unit.get()
+        assert in_unit()
         with pytest.raises(Boom):
             with task_scope():
                 raise Boom
-        assert in_unit.get()
+        assert in_unit()
         assert sent.finished == []
     assert [s["sender"] for s in sent.started] == ["outer"]
     assert [(s["sender"], s["failed"]) for s in sent.finished] == [("outer", False)]
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 def test_nested_decorated_functions(sent):
@@ -321,7 +321,7 @@ def test_scope_state_is_per_thread(sent):
 
     def other():
         with task_scope(sender="other"):
-            seen.append(in_unit.get())
+            seen.append(in_unit())
             inside.set()
             done.wait(30)
 
@@ -351,7 +351,7 @@ def test_async_with(sent, executor_thread):
 
     async def main():
         async with task_scope(sender="coro"):
-            assert in_unit.get()
+            assert in_unit()
             return await sync_to_async(threading.get_ident, thread_sensitive=True)()
 
     task_started.connect(on_started, weak=False, dispatch_uid="tests.thread")
@@ -365,7 +365,7 @@ def test_async_with(sent, executor_thread):
     assert threads == [("started", sync_thread), ("finished", sync_thread)]
     assert [s["sender"] for s in sent.started] == ["coro"]
     assert [(s["sender"], s["failed"]) for s in sent.finished] == [("coro", False)]
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 def test_async_decorator(sent, executor_thread):
@@ -374,7 +374,7 @@ def test_async_decorator(sent, executor_thread):
     @task_scope
     async def fetch(name, *, suffix=""):
         """Fetch a name."""
-        assert in_unit.get()
+        assert in_unit()
         return name + suffix
 
     assert inspect.iscoroutinefunction(fetch)
@@ -506,7 +506,7 @@ def test_async_nested_scopes_only_outermost_sends(sent, executor_thread):
 
     def sync_part():
         with task_scope():
-            return in_unit.get()
+            return in_unit()
 
     async def main():
         async with task_scope(sender="outer"):

@@ -13,7 +13,7 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 
 from django_task_db import task_scope
-from django_task_db.boundaries import in_unit
+from django_task_db.units import in_unit
 from django_task_db.signals import (
     connection_closed,
     task_finished,
@@ -121,20 +121,20 @@ def test_repeated_task_started(sqlite, settings, opened, closed):
     assert not is_open(sqlite)
     assert opened == ["default", "default"]
     assert closed == [("default", "close_all")] * 2
-    assert in_unit.get()
+    assert in_unit()
     task_finished.send(sender=None)
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 def test_task_finished_without_task_started(sqlite, settings, closed):
     """task_finished with no task_started before it applies the strategy."""
     settings.TASK_DB = {"STRATEGY": "close_all"}
     Item.objects.using(sqlite).count()
-    assert not in_unit.get()
+    assert not in_unit()
     task_finished.send(sender=None, unknown="x")
     assert not is_open(sqlite)
     assert closed == [("default", "close_all")]
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 @pytest.mark.parametrize("failed", ["yes", 1, [None]])
@@ -232,7 +232,7 @@ def test_worker_stopping_closes_every_connection_of_the_thread(
     Item.objects.using(sqlite).count()
     mysql.session_id()
     postgres.session_id()
-    assert in_unit.get()
+    assert in_unit()
     worker_stopping.send(sender=None)
     assert mysql.wait_for_count(0) == 0
     assert postgres.wait_for_count(0) == 0
@@ -242,7 +242,7 @@ def test_worker_stopping_closes_every_connection_of_the_thread(
         ("mysql", "worker_stopping"),
         ("postgres", "worker_stopping"),
     ]
-    assert not in_unit.get()
+    assert not in_unit()
 
 
 def test_worker_stopping_closes_djangos_pool(pgpool, settings, closed):

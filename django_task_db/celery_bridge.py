@@ -74,7 +74,12 @@ def replace_fixup(app: Any, worker: Any = None) -> None:
         celery_signals.worker_process_init.disconnect(
             worker_fixup.on_worker_process_init
         )
-        logger.debug("Celery's Django fixup of %r: database handlers replaced.", app)
+        logger.info(
+            "django-task-db replaced the database handlers of Celery's Django "
+            "fixup (task_prerun, task_postrun, worker_process_init) for %r: "
+            "TASK_DB decides what happens to the connections.",
+            app,
+        )
     _replaced.add(app)
 
 
@@ -91,7 +96,10 @@ def _valid() -> bool:
 
 
 def _log_invalid(exc: conf.SettingError) -> None:
-    _log_once(f"{exc} Celery's Django fixup stays in charge of the connections.")
+    _log_once(
+        f"django-task-db: TASK_DB is invalid ({exc.check_id}, logged above); "
+        "Celery's Django fixup stays in charge of the connections."
+    )
 
 
 def _task_strategy(task: Any) -> Any:
@@ -101,7 +109,7 @@ def _task_strategy(task: Any) -> Any:
         try:
             conf.load(spec, f"db_strategy of the task {_name(task)!r}")
         except conf.SettingError as exc:
-            _log_once(f"{exc} TASK_DB applies to that task instead.")
+            _log_once(f"django-task-db: {exc} TASK_DB applies to that task instead.")
             return None
     return spec
 
@@ -129,6 +137,7 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
         pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
         _green = "gevent" in pool_name or "eventlet" in pool_name
         _app = getattr(sender, "app", None)
+        _report_checks()
         if _app is not None:
             # A new worker for this app: its fixup connects its handlers again.
             _replaced.discard(_app)
@@ -136,7 +145,23 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             for task in list(_app.tasks.values()):
                 _task_strategy(task)
     except Exception:
-        logger.exception("django_task_db could not set up the Celery worker.")
+        logger.exception("django-task-db could not set up the Celery worker.")
+
+
+def _report_checks() -> None:
+    """Log the package's system check messages: Celery runs the checks when
+    the worker starts and drops what they say."""
+    from django_task_db.checks import check_settings
+
+    for message in check_settings():
+        hint = f" HINT: {message.hint}" if message.hint else ""
+        logger.log(
+            logging.ERROR if message.is_serious() else logging.WARNING,
+            "django-task-db system check %s: %s%s",
+            message.id,
+            message.msg,
+            hint,
+        )
 
 
 def _on_worker_process_init(**kwargs: Any) -> None:
@@ -146,7 +171,7 @@ def _on_worker_process_init(**kwargs: Any) -> None:
                 replace_fixup(_app)
             signals.worker_process_started.send(sender=None)
     except Exception:
-        logger.exception("django_task_db failed in worker_process_init.")
+        logger.exception("django-task-db failed in worker_process_init.")
 
 
 def _on_task_prerun(sender: Any = None, task: Any = None, **kwargs: Any) -> None:
@@ -159,7 +184,7 @@ def _on_task_prerun(sender: Any = None, task: Any = None, **kwargs: Any) -> None
     except conf.SettingError as exc:
         _log_invalid(exc)
     except Exception:
-        logger.exception("django_task_db failed before the task %r.", _name(task))
+        logger.exception("django-task-db failed before the task %r.", _name(task))
 
 
 def _on_task_postrun(
@@ -177,7 +202,7 @@ def _on_task_postrun(
     except conf.SettingError as exc:
         _log_invalid(exc)
     except Exception:
-        logger.exception("django_task_db failed after the task %r.", _name(task))
+        logger.exception("django-task-db failed after the task %r.", _name(task))
 
 
 def _on_worker_stopping(**kwargs: Any) -> None:
@@ -185,7 +210,7 @@ def _on_worker_stopping(**kwargs: Any) -> None:
         if _enabled():
             signals.worker_stopping.send(sender=None)
     except Exception:
-        logger.exception("django_task_db failed while the worker was stopping.")
+        logger.exception("django-task-db failed while the worker was stopping.")
 
 
 def _name(task: Any) -> str:
