@@ -109,7 +109,8 @@ def finish_unit(
             chosen, reason = per_alias.get(connection.alias, default), None
         held = tracking.caller_holds(connection)
         if held is tracking.TRANSACTION and connection.alias not in kept:
-            _roll_back_left_open(connection)
+            if chosen is not _close_after_failure:  # closing rolls back too
+                _roll_back_left_open(connection)
         elif held is not None:
             if connection.alias not in kept:
                 _warn_left_open(connection, "finish", held, chosen)

@@ -45,7 +45,7 @@ def connect() -> None:
         celery_signal.connect(
             receiver,
             weak=False,
-            dispatch_uid=f"django_task_db.celery.{receiver.__name__}",
+            dispatch_uid=f"{__name__}.{receiver.__name__}",
         )
 
 

@@ -606,13 +606,11 @@ def test_exception_with_an_open_transaction(
     outcome = run_unit(unit)
     assert_failed_unchanged(outcome, Boom)
     assert held[0] is not None  # the unit did hold the lock
-    # After set_autocommit(False) the server rolls back when the connection
-    # closes: CLOSE_ON_FAILURE closes it, and so does close_old without it
-    # (autocommit left off). transaction.atomic rolls back itself; without
-    # CLOSE_ON_FAILURE its connection is kept.
+    # CLOSE_ON_FAILURE closes the connection, and the server rolls back.
+    # Without it, the unit's end rolls back the transaction the unit left
+    # open after set_autocommit(False), and transaction.atomic rolls back
+    # itself: the connection is kept.
     reason = "failure" if close_on_failure else None
-    if how == "set_autocommit" and not close_on_failure:
-        reason = "close_old"
     assert closed == ([] if reason is None else [(alias, reason)])
     if reason is not None:
         db.wait_until_gone(session[0])
