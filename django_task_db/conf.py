@@ -181,9 +181,7 @@ def _import(path: str) -> tuple[Any, Exception | None]:
 
 
 def _reject_coroutine_function(strategy: Any, where: str, spec: object) -> None:
-    if iscoroutinefunction(strategy) or iscoroutinefunction(
-        getattr(type(strategy), "__call__", None)
-    ):
+    if iscoroutinefunction(strategy) or iscoroutinefunction(type(strategy).__call__):
         raise SettingError(
             f"{where} is {spec!r}, a coroutine function: strategies are called "
             "in the thread that owns the connection and are never awaited; "

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
+from contextvars import Token
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -27,7 +27,9 @@ logger = logging.getLogger("django_task_db")
 # What one ``with`` of a scope entered: the unit it started (None when it
 # is inner), the token that made that unit current, and the thread and
 # asyncio task it was entered in.
-_Entry = tuple[Unit | None, "Token[Unit | None] | None", int, "asyncio.Task[Any] | None"]
+_Entry = tuple[
+    Unit | None, "Token[Unit | None] | None", int, "asyncio.Task[Any] | None"
+]
 
 
 class TaskScope:

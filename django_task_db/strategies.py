@@ -4,10 +4,11 @@ A strategy is any plain (not async) callable ``strategy(connection,
 phase)``, where ``connection`` is a Django ``DatabaseWrapper`` that is open
 in the current thread and that the caller is not using (no atomic block, no
 transaction of the caller's, no chunked read in progress), and ``phase`` is
-``"start"`` or ``"finish"``. It may close the connection (``connection.close()``) or leave
-it open; its return value is ignored. The caller handles everything else:
-which connections are passed, atomic blocks, errors raised while closing,
-health checks, closing after a failure and the ``connection_closed`` signal.
+``"start"`` or ``"finish"``. It may close the connection
+(``connection.close()``) or leave it open; its return value is ignored. The
+caller handles everything else: which connections are passed, what the
+caller holds, errors raised while closing, health checks, closing after a
+failure and the ``connection_closed`` signal.
 """
 
 from __future__ import annotations

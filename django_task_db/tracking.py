@@ -90,8 +90,9 @@ def _watch_chunked_reads(connection: BaseDatabaseWrapper) -> None:
 
     def watched_chunked_cursor() -> Any:
         connection = owner()
-        cursor = chunked_cursor(connection)
-        reads = _reads.setdefault(connection, WeakSet())  # type: ignore[arg-type]
+        assert connection is not None  # it is calling this
+        cursor: Any = chunked_cursor(connection)
+        reads = _reads.setdefault(connection, WeakSet())
         reads.add(cursor)
         cursor.close = functools.partial(
             _close_read, reads, weakref.ref(cursor), cursor.close

@@ -40,7 +40,14 @@ class Unit:
     connections it manages (set when it starts there), ``task`` the asyncio
     task that runs it (None for synchronous code)."""
 
-    __slots__ = ("thread", "task", "active", "started_by_signal", "users", "__weakref__")
+    __slots__ = (
+        "thread",
+        "task",
+        "active",
+        "started_by_signal",
+        "users",
+        "__weakref__",
+    )
 
     def __init__(self, task: asyncio.Task[Any] | None, thread: int | None = None):
         self.thread = thread

@@ -230,7 +230,8 @@ def bridge_after_fixup() -> Iterator[None]:
     first)."""
     signal = celery_signals.worker_init
     saved = list(signal.receivers)
-    ours = [r for r in saved if r[0][0] == "django_task_db.celery_bridge._on_worker_init"]
+    uid = "django_task_db.celery_bridge._on_worker_init"
+    ours = [r for r in saved if r[0][0] == uid]
     assert ours
     signal.receivers[:] = [r for r in saved if r not in ours] + ours
     signal.sender_receivers_cache.clear()

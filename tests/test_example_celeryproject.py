@@ -140,7 +140,8 @@ def test_worker_runs_send_orders(redis_url: str, tmp_path: Path) -> None:
             worker.kill()
             worker.wait()
     worker_log = log.read_text()
-    assert "replaced the database handlers of Celery's Django fixup" in worker_log  # django_task_db's log
+    replaced = "replaced the database handlers of Celery's Django fixup"
+    assert replaced in worker_log  # django_task_db's log
     closed = re.findall(r"connection \d+#(\d+) closed \((\w+)\)", worker_log)
     assert closed == [
         ("1", "close_all"),

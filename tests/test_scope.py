@@ -15,8 +15,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from django_task_db import TaskScope, task_scope
-from django_task_db.units import in_unit
 from django_task_db.signals import task_finished, task_started
+from django_task_db.units import in_unit
 from tests.testapp.models import Item
 
 

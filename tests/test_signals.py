@@ -13,7 +13,6 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 
 from django_task_db import task_scope
-from django_task_db.units import in_unit
 from django_task_db.signals import (
     connection_closed,
     task_finished,
@@ -21,6 +20,7 @@ from django_task_db.signals import (
     worker_process_started,
     worker_stopping,
 )
+from django_task_db.units import in_unit
 from tests.testapp.models import Item
 
 # What recording_strategy saw: (alias, phase, connection object).
