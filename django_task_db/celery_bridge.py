@@ -121,7 +121,10 @@ def _log_once(message: str) -> None:
 
 
 def _enabled() -> bool:
-    return conf.get("CELERY") is True
+    try:
+        return conf.get("CELERY") is True
+    except conf.SettingError:  # logged by the checks at worker start
+        return False
 
 
 def _is_eager(task: Any) -> bool:
@@ -131,13 +134,13 @@ def _is_eager(task: Any) -> bool:
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     global _green, _app
     try:
+        _report_checks()
         if not _enabled():
             return
         pool = getattr(sender, "pool_cls", "")
         pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
         _green = "gevent" in pool_name or "eventlet" in pool_name
         _app = getattr(sender, "app", None)
-        _report_checks()
         if _app is not None:
             # A new worker for this app: its fixup connects its handlers again.
             _replaced.discard(_app)
