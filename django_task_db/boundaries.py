@@ -46,7 +46,7 @@ def start_unit(
     if not users.add(unit):
         return unit
     users.kept.clear()
-    users.failed = False
+    users.ended.clear()
     for connection in tracking.open_connections():
         if connection.connection is None:  # another alias's strategy closed it
             continue
@@ -92,35 +92,49 @@ def finish_unit(
     default, per_alias = conf.strategies_for(strategy)
     close_on_failure = conf.get("CLOSE_ON_FAILURE")
     close_caches_too = conf.get("CLOSE_CACHES")
+    users.ended.append((default, per_alias, failed))
     if not last:
-        users.failed = users.failed or failed
-        return
-    failed = failed or users.failed
-    users.failed = False
+        return  # the last unit to end cleans up for this one too
+    ended, users.ended = users.ended, []
     kept = set(users.kept)
     users.kept.clear()
+    failed = any(failed for _, _, failed in ended)
     for connection in tracking.open_connections():
         if connection.connection is None:  # another alias's strategy closed it
             continue
-        chosen: conf.Strategy
+        chosen: list[conf.Strategy]
         if failed and close_on_failure:
-            chosen, reason = _close_after_failure, "failure"
+            chosen, reason = [_close_after_failure], "failure"
         else:
-            chosen, reason = per_alias.get(connection.alias, default), None
+            chosen, reason = _strategies_of(connection.alias, ended), None
         held = tracking.caller_holds(connection)
         if held is tracking.TRANSACTION and connection.alias not in kept:
-            if chosen is not _close_after_failure:  # closing rolls back too
+            if not failed or not close_on_failure:  # closing rolls back too
                 _roll_back_left_open(connection)
         elif held is not None:
             if connection.alias not in kept:
-                _warn_left_open(connection, "finish", held, chosen)
+                _warn_left_open(connection, "finish", held, chosen[-1])
             continue
-        _act(connection, "finish", chosen, reason)
+        for each in chosen:
+            if connection.connection is not None:
+                _act(connection, "finish", each, reason)
     if close_caches_too:
         try:
             close_caches()
         except Exception:
             logger.exception("Closing the cache connections failed.")
+
+
+def _strategies_of(
+    alias: str, ended: list[tuple[conf.Strategy, dict[str, conf.Strategy], bool]]
+) -> list[conf.Strategy]:
+    """The finish strategies of the units that ended, for ``alias``, each once."""
+    chosen: list[conf.Strategy] = []
+    for default, per_alias, _ in ended:
+        strategy = per_alias.get(alias, default)
+        if all(strategy is not other for other in chosen):
+            chosen.append(strategy)
+    return chosen
 
 
 def stop_worker() -> None:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 from django.core.exceptions import ImproperlyConfigured
 from django.dispatch import Signal
 
+from django_task_db import units
+
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -63,6 +65,21 @@ class BoundarySignal(Signal):
         return super().send(sender, **named)
 
 
+class _TaskStarted(BoundarySignal):
+    def send(self, sender: Any, **named: Any) -> list[tuple[Any, Any]]:
+        # A receiver that raises after the app's has started a runner's unit:
+        # the runner never sees that unit, nor sends its task_finished.
+        before = units.current.get()
+        try:
+            return super().send(sender, **named)
+        except BaseException:
+            started = units.current.get()
+            if started is not before and started is not None:
+                started.end()
+                units.current.set(before)
+            raise
+
+
 def _not_ready() -> None:
     from django.apps import apps
 
@@ -79,7 +96,7 @@ def _not_ready() -> None:
     )
 
 
-task_started = BoundarySignal()
+task_started = _TaskStarted()
 task_finished = BoundarySignal()
 worker_process_started = BoundarySignal()
 worker_stopping = BoundarySignal()

@@ -81,16 +81,17 @@ class ThreadUnits:
     them found there. Weak, so a unit that never ended because its scope was
     lost (a coroutine destroyed mid-unit) does not hold the thread."""
 
-    __slots__ = ("_units", "by_signal", "failed", "kept")
+    __slots__ = ("_units", "by_signal", "ended", "kept")
 
     def __init__(self) -> None:
         self._units: list[weakref.ref[Unit]] = []
         # The latest unit started by a runner's own signal, held here: such
         # a unit has no scope to keep it alive.
         self.by_signal: Unit | None = None
-        # Whether a unit that ended while others still ran had failed: the
-        # last one to end cleans up for it.
-        self.failed = False
+        # The (default strategy, per-alias strategies, failed) of each unit
+        # that ended while others still ran: the last one to end cleans up
+        # for them too.
+        self.ended: list[tuple[Any, Any, bool]] = []
         # Aliases the caller was using when the first unit started.
         self.kept: set[str] = set()
 
