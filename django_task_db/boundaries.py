@@ -103,13 +103,13 @@ def finish_unit(
         if connection.connection is None:  # another alias's strategy closed it
             continue
         chosen: list[conf.Strategy]
-        if failed and close_on_failure:
+        if failed and close_on_failure or _still_running(connection):
             chosen, reason = [_close_after_failure], "failure"
         else:
             chosen, reason = _strategies_of(connection.alias, ended), None
         held = tracking.caller_holds(connection)
         if held is tracking.TRANSACTION and connection.alias not in kept:
-            if not failed or not close_on_failure:  # closing rolls back too
+            if reason is None:  # closing after a failure rolls back too
                 _roll_back_left_open(connection)
         elif held is not None:
             if connection.alias not in kept:
@@ -152,13 +152,19 @@ def stop_worker() -> None:
     forks.close_own_pools()
 
 
-def _close_after_failure(connection: BaseDatabaseWrapper, phase: conf.Phase) -> None:
-    # A query interrupted on the client (a Celery soft time limit) goes on
-    # running on a PostgreSQL server, holding its locks, after the client
-    # closes its connection: cancel it first. psycopg 3 says it is running.
+def _still_running(connection: BaseDatabaseWrapper) -> bool:
+    """Whether a query interrupted on the client (Celery's soft time limit,
+    a signal handler that raised) still runs on the server. psycopg 3 and
+    psycopg2 say so: transaction status ACTIVE (libpq's PQTRANS_ACTIVE, 1).
+    An interrupted mysqlclient read resumes, so MySQL never needs this."""
     info = getattr(connection.connection, "info", None)
-    status = getattr(getattr(info, "transaction_status", None), "name", None)
-    if status == "ACTIVE":
+    return getattr(info, "transaction_status", None) == 1
+
+
+def _close_after_failure(connection: BaseDatabaseWrapper, phase: conf.Phase) -> None:
+    # A running PostgreSQL query goes on, holding its locks, after the
+    # client closes its connection: cancel it first.
+    if _still_running(connection):
         cancel = getattr(connection.connection, "cancel_safe", None)
         with contextlib.suppress(DatabaseError, connection.Database.Error):  # type: ignore[attr-defined]
             (cancel or connection.connection.cancel)()

@@ -15,7 +15,7 @@ from weakref import WeakSet
 from celery import signals as celery_signals
 from celery import states
 
-from django_task_db import conf, signals
+from django_task_db import conf, forks, signals
 
 logger = logging.getLogger("django_task_db")
 
@@ -172,7 +172,8 @@ def _on_worker_process_init(**kwargs: Any) -> None:
         if _enabled():
             if _app is not None:
                 replace_fixup(_app)
-            signals.worker_process_started.send(sender=None)
+            if forks.fork_safety():
+                signals.worker_process_started.send(sender=None)
     except Exception:
         logger.exception("django-task-db failed in worker_process_init.")
 

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-# MySQL and MariaDB client and server error codes that mean the connection
-# itself is gone: 1927 connection killed, 2006 server has gone away, 2013 lost
-# connection during query, 2014 commands out of sync, 2045 (and 2055) lost
-# connection while reading, 4031 disconnected by the server for inactivity.
-# Code 0 is what mysqlclient reports on a connection it has already closed.
-MYSQL_CODES = frozenset({0, 1927, 2006, 2013, 2014, 2045, 2055, 4031})
+# MySQL and MariaDB error codes that mean the session itself is gone. From
+# the client library (MariaDB Connector/C errmsg.h, MySQL's client error
+# reference): 2006 CR_SERVER_GONE_ERROR, 2013 CR_SERVER_LOST, 2014
+# CR_COMMANDS_OUT_OF_SYNC, 2045 and 2055 CR_SERVER_LOST_EXTENDED (MySQL's
+# lost-connection codes while reading). From the server (mysqld_error.h,
+# MySQL's server error reference): 1053 ER_SERVER_SHUTDOWN, 1927
+# ER_CONNECTION_KILLED (MariaDB), 4031 ER_CLIENT_INTERACTION_TIMEOUT (MySQL
+# 8.0.24+, wait_timeout; MariaDB uses the number for a trigger error that
+# only DDL raises). MariaDB's idle_transaction_timeout and wait_timeout close
+# the session silently: the client then says 2006 or 2013. Code 0 is what
+# mysqlclient reports on a connection it has already closed.
+MYSQL_CODES = frozenset({0, 1053, 1927, 2006, 2013, 2014, 2045, 2055, 4031})
 
 # PostgreSQL SQLSTATEs outside class 08 (connection exception) that end the
-# session: admin_shutdown, crash_shutdown, cannot_connect_now,
-# idle_session_timeout.
-POSTGRES_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+# session (PostgreSQL's Appendix A, "PostgreSQL Error Codes"): 25P03
+# idle_in_transaction_session_timeout, 57P01 admin_shutdown (also
+# pg_terminate_backend), 57P02 crash_shutdown, 57P03 cannot_connect_now,
+# 57P04 database_dropped, 57P05 idle_session_timeout.
+POSTGRES_STATES = frozenset({"25P03", "57P01", "57P02", "57P03", "57P04", "57P05"})
 
 # psycopg's and libpq's errors about the connection carry no SQLSTATE: only a
 # text.

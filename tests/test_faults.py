@@ -45,7 +45,7 @@ POSTGRES_NOT_DISCONNECT = {
     "23505",  # unique violation
     "22P02",  # invalid text representation
     "42601",  # syntax error
-    "57P04",  # database dropped: not one the issue lists
+    "3D000",  # invalid catalog name: no such database, at connect
 }
 
 
