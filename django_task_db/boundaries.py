@@ -32,7 +32,9 @@ def start_unit(
     """Start ``unit`` (None: a runner's own task_started) in this thread and
     prepare its open connections, unless another unit is using them."""
     default, per_alias = conf.strategies_for(strategy)
-    health_checks = conf.get("HEALTH_CHECKS")
+    # With HEALTH_CHECK_IDLE 0, Django pings before each unit's first query;
+    # otherwise tracking checks any connection that idled, at its next use.
+    arm = conf.get("HEALTH_CHECKS") and conf.get("HEALTH_CHECK_IDLE") == 0
     users = units.here()
     if unit is None:
         unit = units.Unit(units.current_task())
@@ -56,13 +58,17 @@ def start_unit(
             users.kept.add(connection.alias)
             _warn_left_open(connection, "start", held, chosen)
             continue
-        if health_checks:
+        if arm:
             # Django pings before the next query when these are set (and
             # close_if_unusable_or_obsolete, which pings itself after an
             # error, sets health_check_done): at most one ping per unit, and
             # none for a connection the unit does not use.
             connection.health_check_enabled = True  # type: ignore[attr-defined]
             connection.health_check_done = False  # type: ignore[attr-defined]
+        else:
+            connection.health_check_enabled = connection.settings_dict[  # type: ignore[attr-defined]
+                "CONN_HEALTH_CHECKS"
+            ]
         _act(connection, "start", chosen)
     return unit
 
@@ -99,6 +105,10 @@ def finish_unit(
     kept = set(users.kept)
     users.kept.clear()
     failed = any(failed for _, _, failed in ended)
+    if tracking.in_greenlet():
+        # Its connections die with the greenlet: close them with the unit
+        # (what Celery's own fixup does for gevent and eventlet pools).
+        ended.append((strategies.close_all, {}, False))
     for connection in tracking.open_connections():
         if connection.connection is None:  # another alias's strategy closed it
             continue

@@ -22,11 +22,6 @@ logger = logging.getLogger("django_task_db")
 # The Celery apps whose Django fixup has handed its database duties over.
 _replaced: WeakSet[Any] = WeakSet()
 
-# Whether this process's worker runs each task in a greenlet of its own
-# (gevent, eventlet): Django's connections are then per greenlet and die with
-# it, so they are closed at the end of every task, whatever the strategy.
-_green = False
-
 # The app of the worker this process belongs to (set at worker_init, which
 # prefork children inherit), and the errors about TASK_DB already logged.
 _app: Any = None
@@ -132,14 +127,11 @@ def _is_eager(task: Any) -> bool:
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-    global _green, _app
+    global _app
     try:
         _report_checks()
         if not _enabled():
             return
-        pool = getattr(sender, "pool_cls", "")
-        pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-        _green = "gevent" in pool_name or "eventlet" in pool_name
         _app = getattr(sender, "app", None)
         if _app is not None:
             # A new worker for this app: its fixup connects its handlers again.
@@ -201,7 +193,7 @@ def _on_task_postrun(
         signals.task_finished.send(
             sender=task,
             failed=state != states.SUCCESS,
-            strategy="close_all" if _green else _task_strategy(task),
+            strategy=_task_strategy(task),
         )
     except conf.SettingError as exc:
         _log_invalid(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "STRATEGY": "close_old",
     "ALIASES": {},
     "HEALTH_CHECKS": True,
+    "HEALTH_CHECK_IDLE": 1.0,
     "CLOSE_ON_FAILURE": True,
     "CLOSE_CACHES": False,
     "FORK_SAFETY": True,
@@ -49,6 +51,31 @@ HINT_STRATEGY = (
 )
 
 
+_DOTTED_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+# user:password@ in a URL.
+_CREDENTIALS = re.compile(r"(?<=://)([^:/@\s]*):[^@\s]*@")
+
+
+def _masked(text: str) -> str:
+    return _CREDENTIALS.sub(r"\1:***@", text)
+
+
+def shown(value: object) -> str:
+    """``value`` for an error message, without the secrets it may hold: a
+    dict (such as a copy of DATABASES[alias]) by its keys, a URL without its
+    password."""
+    if isinstance(value, dict):
+        keys = ", ".join(repr(key) for key in value)
+        return f"a dict with the keys {keys}" if value else "an empty dict"
+    if isinstance(value, list | tuple | set) and not all(
+        isinstance(item, str | int | float | bool | None) for item in value
+    ):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return _masked(text if len(text) <= 200 else text[:200] + "...")
+
+
 class SettingError(ImproperlyConfigured):
     """A bad TASK_DB value, or strategy argument. ``check_id`` and ``hint``
     are those of the system check that reports the same problem."""
@@ -63,7 +90,7 @@ def task_db() -> dict[str, Any]:
     value = getattr(settings, "TASK_DB", {})
     if not isinstance(value, dict):
         raise SettingError(
-            f"TASK_DB is {value!r} ({type(value).__name__}), not a dict.",
+            f"TASK_DB is {shown(value)} ({type(value).__name__}), not a dict.",
             "django_task_db.E001",
             "Set TASK_DB to a dict, such as {'STRATEGY': 'close_old'}.",
         )
@@ -78,13 +105,24 @@ def get(key: str) -> Any:
     value = task_db().get(key, DEFAULTS[key])
     if key in BOOLEAN_KEYS and not isinstance(value, bool):
         raise SettingError(
-            f"TASK_DB[{key!r}] is {value!r} ({type(value).__name__}), not a bool.",
+            f"TASK_DB[{key!r}] is {shown(value)} ({type(value).__name__}), not a bool.",
             "django_task_db.E005",
             f"Set TASK_DB[{key!r}] to True or False.",
         )
+    if key == "HEALTH_CHECK_IDLE" and (
+        isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+    ):
+        raise SettingError(
+            f"TASK_DB['HEALTH_CHECK_IDLE'] is {shown(value)} ({type(value).__name__}); "
+            "allowed: a number of seconds, 0 or more.",
+            "django_task_db.E005",
+            "Set TASK_DB['HEALTH_CHECK_IDLE'] to a number of seconds, such as 1.0, "
+            "or 0 to check before the first query of every unit instead.",
+        )
     if key == "ALIASES" and not isinstance(value, dict):
         raise SettingError(
-            f"TASK_DB['ALIASES'] is {value!r} ({type(value).__name__}), not a dict.",
+            f"TASK_DB['ALIASES'] is {shown(value)} ({type(value).__name__}), "
+            "not a dict.",
             "django_task_db.E005",
             "Set TASK_DB['ALIASES'] to a dict of {alias: strategy}, such as "
             "{'replica': 'keep'}.",
@@ -123,7 +161,7 @@ def load(spec: StrategySpec, where: str) -> Strategy:
         return spec
     if not isinstance(spec, str):
         raise SettingError(
-            f"{where} is {spec!r} ({type(spec).__name__}); "
+            f"{where} is {shown(spec)} ({type(spec).__name__}); "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E005",
             HINT_STRATEGY,
@@ -135,9 +173,9 @@ def load(spec: StrategySpec, where: str) -> Strategy:
 def _load_string(spec: str, where: str) -> Strategy:
     if spec in BUILTIN_STRATEGIES:
         return BUILTIN_STRATEGIES[spec]
-    if "." not in spec:
+    if not _DOTTED_PATH.fullmatch(spec):
         raise SettingError(
-            f"{where} is {spec!r}, which is not a strategy; "
+            f"{where} is {shown(spec)}, which is not a strategy; "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E003",
             HINT_STRATEGY,
@@ -146,22 +184,22 @@ def _load_string(spec: str, where: str) -> Strategy:
     strategy, error = _import(spec)
     if isinstance(error, ImportError):
         raise SettingError(
-            f"{where} is {spec!r}, which does not import ({error}); "
+            f"{where} is {shown(spec)}, which does not import ({_masked(str(error))}); "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",
             hint,
         )
     if error is not None:
         raise SettingError(
-            f"{where} is {spec!r}, whose module raised "
-            f"{type(error).__name__}: {error} when imported; "
+            f"{where} is {shown(spec)}, whose module raised "
+            f"{type(error).__name__}: {_masked(str(error))} when imported; "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",
             hint,
         )
     if not callable(strategy):
         raise SettingError(
-            f"{where} is {spec!r}, which imports a {type(strategy).__name__}, "
+            f"{where} is {shown(spec)}, which imports a {type(strategy).__name__}, "
             f"not a callable; allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",
             hint,
@@ -183,7 +221,7 @@ def _import(path: str) -> tuple[Any, Exception | None]:
 def _reject_coroutine_function(strategy: Any, where: str, spec: object) -> None:
     if iscoroutinefunction(strategy) or iscoroutinefunction(type(strategy).__call__):
         raise SettingError(
-            f"{where} is {spec!r}, a coroutine function: strategies are called "
+            f"{where} is {shown(spec)}, a coroutine function: strategies are called "
             "in the thread that owns the connection and are never awaited; "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",

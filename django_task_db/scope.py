@@ -70,11 +70,10 @@ class TaskScope:
         thread, task = threading.get_ident(), units.current_task()
         unit = units.current.get()
         if unit is not None and unit.encloses_sync_code():
-            self._entries.append((None, None, thread, task))
+            self._enter_inner(unit, thread, task)
             return
-        unit = Unit(task, thread)
-        with _handing_over(unit):
-            task_started.send(self.sender, strategy=self.strategy)
+        unit = self._new_unit(task, thread)
+        _start(unit)
         self._entries.append((unit, units.current.set(unit), thread, task))
 
     def __exit__(
@@ -83,27 +82,22 @@ class TaskScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        unit = self._leave()
+        unit = self._leave(exc)
         if unit is not None:
-            with _unless_failed(exc), _handing_over(unit, ending=True):
-                task_finished.send(
-                    self.sender, failed=_failed(exc), strategy=self.strategy
-                )
+            with _unless_failed(exc):
+                _finish(unit)
 
     async def __aenter__(self) -> None:
         self._only_decorators_retry()
         thread, task = threading.get_ident(), units.current_task()
         unit = units.current.get()
         if unit is not None and unit.encloses_async_code(task):
-            self._entries.append((None, None, thread, task))
+            self._enter_inner(unit, thread, task)
             return
         # Django's synchronous connections live in the thread that
         # sync_to_async(thread_sensitive=True) runs in: the unit starts there.
-        unit = Unit(task)
-        with _handing_over(unit):
-            await sync_to_async(task_started.send, thread_sensitive=True)(
-                self.sender, strategy=self.strategy
-            )
+        unit = self._new_unit(task, None)
+        await sync_to_async(_start, thread_sensitive=True)(unit)
         self._entries.append((unit, units.current.set(unit), thread, task))
 
     async def __aexit__(
@@ -112,12 +106,10 @@ class TaskScope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        unit = self._leave()
+        unit = self._leave(exc)
         if unit is not None:
-            with _unless_failed(exc), _handing_over(unit, ending=True):
-                await sync_to_async(task_finished.send, thread_sensitive=True)(
-                    self.sender, failed=_failed(exc), strategy=self.strategy
-                )
+            with _unless_failed(exc):
+                await sync_to_async(_finish, thread_sensitive=True)(unit)
 
     def __call__(self, func: F) -> F:
         """Decorate ``func`` (a function or a coroutine function) so that each
@@ -129,7 +121,10 @@ class TaskScope:
                 "(): the unit would end before its body runs. Use "
                 "`with task_scope():` inside it instead."
             )
-        sender = func if self.sender is None else self.sender
+        if self.sender is not None:
+            sender = self.sender
+        else:  # a staticmethod object is no sender for Django's signals
+            sender = func.__func__ if isinstance(func, staticmethod) else func
         strategy = self.strategy
         retries = self.retry_on_disconnect
 
@@ -185,8 +180,20 @@ class TaskScope:
                 "block cannot be run again."
             )
 
-    def _leave(self) -> Unit | None:
-        """Leave a ``with``: the unit it started, or None if it was inner.
+    def _new_unit(self, task: asyncio.Task[Any] | None, thread: int | None) -> Unit:
+        unit = Unit(task, thread)
+        unit.sender, unit.strategy, unit.scopes = self.sender, self.strategy, 1
+        return unit
+
+    def _enter_inner(
+        self, unit: Unit, thread: int, task: asyncio.Task[Any] | None
+    ) -> None:
+        unit.scopes += 1
+        self._entries.append((unit, None, thread, task))
+
+    def _leave(self, exc: BaseException | None) -> Unit | None:
+        """Leave a ``with``: return its unit if that unit has ended with it
+        (its last open scope), else None.
 
         The entry is this thread and task's latest one; failing that (a
         generator closed in another thread), the latest of all.
@@ -202,11 +209,22 @@ class TaskScope:
             len(entries) - 1,
         )
         unit, token, _, _ = entries.pop(index)
-        if unit is not None and token is not None and units.current.get() is unit:
+        if token is not None and units.current.get() is unit:
             try:
                 units.current.reset(token)
             except ValueError:  # the token belongs to another context
                 units.current.set(None)
+        if unit is None:
+            return None
+        unit.scopes -= 1
+        # An inner scope's exception is the outer body's to handle, unless
+        # the outer scope has closed already.
+        if token is not None or not unit.outer_open:
+            unit.failed = unit.failed or _failed(exc)
+        if token is not None:
+            unit.outer_open = False
+        if unit.scopes or not unit.active or unit.started_by_signal:
+            return None  # not over yet, or a runner's to end
         return unit
 
 
@@ -215,20 +233,35 @@ def _failed(exc: BaseException | None) -> bool:
     return exc is not None and not isinstance(exc, GeneratorExit)
 
 
-@contextmanager
-def _handing_over(unit: Unit, ending: bool = False) -> Iterator[None]:
-    """Hand ``unit`` to the app's receivers while the signal is sent. If
-    sending fails, or no receiver took the unit, the unit is over: nothing
-    leaves its thread inside a unit."""
+def _start(unit: Unit) -> None:
+    """Send ``unit``'s task_started, in the thread of its connections; the
+    app's receiver takes the unit from ``handed_over``. If sending fails,
+    the unit is over: nothing leaves its thread inside a unit."""
     token = units.handed_over.set(unit)
     try:
-        yield
+        task_started.send(unit.sender, strategy=unit.strategy)
     except BaseException:
         unit.end()
         raise
     finally:
         units.handed_over.reset(token)
-    if ending:
+
+
+def _finish(unit: Unit) -> None:
+    """Send ``unit``'s task_finished, in the thread of its connections. If a
+    receiver that runs before the app's raises, clean up all the same."""
+    token = units.handed_over.set(unit)
+    try:
+        task_finished.send(unit.sender, failed=unit.failed, strategy=unit.strategy)
+    except BaseException:
+        if unit.active:  # the app's receiver did not get to run
+            try:
+                boundaries.finish_unit(unit.failed, unit.strategy, unit)
+            except Exception:
+                logger.exception("Cleaning up after a unit of work failed.")
+        raise
+    finally:
+        units.handed_over.reset(token)
         unit.end()
 
 

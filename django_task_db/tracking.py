@@ -7,19 +7,26 @@ its own thread only, never at other threads' aliases.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary, WeakSet
 
+from django.db import Error as DatabaseError
 from django.db import connections
 
-from django_task_db import forks
+from django_task_db import conf, forks, signals
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
+
+logger = logging.getLogger("django_task_db")
 
 _local = threading.local()
 
@@ -29,16 +36,45 @@ _local = threading.local()
 _reads: WeakKeyDictionary[BaseDatabaseWrapper, WeakSet[Any]] = WeakKeyDictionary()
 
 
+class _Opened(dict[str, "BaseDatabaseWrapper"]):
+    """One thread's (one greenlet's) connections, by alias. Dropped with the
+    thread's locals when the thread ends: its connections are closed then,
+    not whenever the garbage collector gets to them (Django's connection
+    objects are in reference cycles)."""
+
+    def __del__(self) -> None:
+        if sys.is_finalizing():
+            return
+        for connection in self.values():
+            if connection.connection is None:
+                continue
+            try:
+                # The thread is ending: no other code can use these now.
+                connection.inc_thread_sharing()
+                connection.close()
+            except Exception as exc:  # no exception may leave __del__
+                logger.info(
+                    "Closing database connection %r of an ending thread failed: %s: %s",
+                    connection.alias,
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                signals.send_closed(connection, "thread_ended")
+
+
 def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     """Receiver of Django's connection_created."""
     try:
-        opened: dict[str, BaseDatabaseWrapper] = _local.opened
+        opened: _Opened = _local.opened
     except AttributeError:
-        opened = _local.opened = {}
+        opened = _local.opened = _Opened()
     opened[connection.alias] = connection
+    _reads.pop(connection, None)  # a new driver connection reads nothing yet
     forks.remember(connection)
     if "chunked_cursor" not in connection.__dict__:
         _watch_chunked_reads(connection)
+        _watch_idle_time(connection)
 
 
 def track_open_connections() -> None:
@@ -50,7 +86,7 @@ def track_open_connections() -> None:
 
 def open_connections() -> list[BaseDatabaseWrapper]:
     """This thread's open connections."""
-    opened: dict[str, BaseDatabaseWrapper] | None = getattr(_local, "opened", None)
+    opened: _Opened | None = getattr(_local, "opened", None)
     if not opened:
         return []
     found = []
@@ -65,6 +101,22 @@ def open_connections() -> list[BaseDatabaseWrapper]:
 ATOMIC = "it is inside an atomic block"
 TRANSACTION = "autocommit is off: a transaction is open on it"
 READ = "a chunked read (QuerySet.iterator()) is in progress on it"
+
+
+def in_greenlet() -> bool:
+    """Whether this code runs in a greenlet that will end (not the main
+    one) with threading monkey-patched by gevent or eventlet: Django's
+    connections are then that greenlet's own."""
+    monkey = sys.modules.get("gevent.monkey")
+    patched = monkey is not None and monkey.is_module_patched("threading")
+    if not patched:
+        patcher = sys.modules.get("eventlet.patcher")
+        patched = patcher is not None and patcher.is_monkey_patched("thread")
+    if not patched:
+        return False
+    import greenlet
+
+    return greenlet.getcurrent().parent is not None
 
 
 def caller_holds(connection: BaseDatabaseWrapper) -> str | None:
@@ -102,6 +154,54 @@ def _watch_chunked_reads(connection: BaseDatabaseWrapper) -> None:
     connection.chunked_cursor = watched_chunked_cursor  # type: ignore[method-assign]
 
 
+def _watch_idle_time(connection: BaseDatabaseWrapper) -> None:
+    # Django calls ensure_connection() before every query (and before
+    # setting autocommit): the place to check a connection that idled.
+    ensure_connection = type(connection).ensure_connection
+    owner = weakref.ref(connection)
+    # When the driver connection was last used, and which one it was: a
+    # connection that connect() is still setting up is not checked.
+    last_use: list[Any] = [time.monotonic(), None]
+
+    def watched_ensure_connection() -> None:
+        connection = owner()
+        assert connection is not None  # it is calling this
+        raw = connection.connection
+        if (
+            raw is not None
+            and raw is last_use[1]
+            and _idle_too_long(time.monotonic() - last_use[0])
+        ):
+            _check(connection)
+        ensure_connection(connection)
+        last_use[:] = time.monotonic(), connection.connection
+
+    connection.ensure_connection = watched_ensure_connection  # type: ignore[method-assign]
+
+
+def _idle_too_long(idle: float) -> bool:
+    try:
+        threshold = conf.get("HEALTH_CHECK_IDLE")
+        return bool(threshold) and idle > threshold and conf.get("HEALTH_CHECKS")
+    except conf.SettingError:  # raised at the next boundary and by the checks
+        return False
+
+
+def _check(connection: BaseDatabaseWrapper) -> None:
+    """Replace ``connection`` if it died while idle, unless the caller holds
+    something on it that a new connection would not have."""
+    if caller_holds(connection) is not None or connection.is_usable():
+        return
+    logger.info(
+        "Database connection %r failed its health check after idling; replacing it.",
+        connection.alias,
+    )
+    with contextlib.suppress(DatabaseError):
+        connection.close()
+    connection.connection = None
+    signals.send_closed(connection, "health_check")
+
+
 def _close_read(
     reads: WeakSet[Any], cursor: weakref.ref[Any], close: Callable[[], None]
 ) -> None:
@@ -112,4 +212,7 @@ def _close_read(
 
 
 def forget_after_fork() -> None:
-    _local.opened = {}
+    # The parent's connections, discarded (or left) by forks: not ours to close.
+    opened = getattr(_local, "opened", None)
+    if opened is not None:
+        opened.clear()

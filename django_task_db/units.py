@@ -46,6 +46,11 @@ class Unit:
         "active",
         "started_by_signal",
         "users",
+        "scopes",
+        "sender",
+        "strategy",
+        "failed",
+        "outer_open",
         "__weakref__",
     )
 
@@ -57,6 +62,15 @@ class Unit:
         self.started_by_signal = False
         # The units of the thread it started in (see ThreadUnits).
         self.users: ThreadUnits | None = None
+        # For a unit of task_scope: how many of its scopes (its own and the
+        # inner ones) are still open, and what its task_finished will say.
+        # It ends when the last one closes, in whatever order they close
+        # (generators).
+        self.scopes = 0
+        self.sender: Any = None
+        self.strategy: Any = None
+        self.failed = False
+        self.outer_open = True
 
     def end(self) -> None:
         """End the unit wherever it runs; ending it again does nothing."""
