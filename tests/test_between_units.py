@@ -130,7 +130,7 @@ def no_gc(sessions: Sessions) -> Iterator[set[int]]:
 
 @pytest.mark.parametrize("strategy", ["keep", "close_old", "close_all"])
 def test_poll_query_between_units_survives_a_kill(direct_server, settings, strategy):
-    """A job loop's poll query, run between units, reconnects after a kill while idle."""
+    """A job loop's poll query between units reconnects after an idle kill."""
     settings.TASK_DB = {"STRATEGY": strategy, "HEALTH_CHECK_IDLE": IDLE}
     alias = direct_server.alias
     assert connections[alias].settings_dict["CONN_MAX_AGE"] is None
@@ -163,7 +163,7 @@ def test_poll_query_between_units_survives_a_kill(direct_server, settings, strat
 def test_connection_opened_in_a_unit_survives_a_kill_between_units(
     direct_server, settings, strategy
 ):
-    """A connection opened inside a unit, then idle and killed: the next query between units reconnects."""
+    """Opened in a unit, killed idle: the next query between units reconnects."""
     settings.TASK_DB = {"STRATEGY": strategy, "HEALTH_CHECK_IDLE": IDLE}
     alias = direct_server.alias
     connections[alias].close()
@@ -249,7 +249,7 @@ def run_task(task: Any, *args: Any) -> Any:
 def test_worker_consumer_write_outside_tasks_survives_a_kill(
     direct_server, settings, queue, sessions
 ):
-    """A write in the worker's consumer thread (task_received), killed while idle, reconnects."""
+    """A write in a worker's consumer thread, killed idle, reconnects."""
     from celery import signals as celery_signals
 
     from tests.celery_app import session_id
@@ -325,7 +325,7 @@ def test_main_thread_query_after_a_worker_ran_a_task(direct_server, settings, qu
 def test_unit_idle_after_its_first_query_survives_a_kill(
     direct_server, settings, opened
 ):
-    """A unit idles after its first query, the server kills it: the next query reconnects."""
+    """A unit idles after its first query, is killed: its next query reconnects."""
     settings.TASK_DB = {"HEALTH_CHECK_IDLE": IDLE}
     alias = direct_server.alias
     if opened == "before_the_unit":
@@ -395,7 +395,7 @@ def test_loop_of_one_query_units_is_not_pinged(
 def test_health_checks_off_after_units_ran_stops_every_ping(
     direct_server, settings, pings, override, idle
 ):
-    """override_settings(HEALTH_CHECKS=False) after pinged units: no ping at all, in units or between."""
+    """HEALTH_CHECKS overridden False after pinged units: no ping at all."""
     settings.TASK_DB = {"HEALTH_CHECK_IDLE": IDLE}
     alias = direct_server.alias
     query(alias)
@@ -427,7 +427,7 @@ def test_health_checks_off_after_units_ran_stops_every_ping(
 def test_thread_pool_sessions_closed_at_shutdown(
     direct_server, settings, sessions, max_age, no_gc
 ):
-    """ThreadPoolExecutor(4), 40 units, close_old, CONN_MAX_AGE 60: no session left after shutdown."""
+    """ThreadPoolExecutor(4), 40 units, close_old: no session after shutdown."""
     settings.TASK_DB = {"STRATEGY": "close_old"}
     max_age(60)
     alias = direct_server.alias
@@ -452,12 +452,13 @@ def test_thread_pool_sessions_closed_at_shutdown(
     assert sessions.wait_until_gone(set(used), GONE_TIMEOUT) == set()
 
 
-def run_in_thread(target: Callable[[], None]) -> None:
+def run_in_thread(target: Callable[..., None], *args: Any) -> None:
+    """Run ``target(*args)`` in a new thread, until the thread has ended."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            target()
+            target(*args)
         except BaseException as exc:
             errors.append(exc)
 
@@ -470,21 +471,20 @@ def run_in_thread(target: Callable[[], None]) -> None:
 
 
 def test_thread_per_unit_leaves_no_session(direct_server, settings, sessions, no_gc):
-    """A thread per unit, 20 times (close_old, CONN_MAX_AGE None): its session is gone after each join."""
+    """A thread per unit, 20 times: its session is gone after each join."""
     settings.TASK_DB = {"STRATEGY": "close_old"}
     alias = direct_server.alias
     assert connections[alias].settings_dict["CONN_MAX_AGE"] is None
     left: list[set[int]] = []
 
+    @task_scope
+    def unit(used: list[int]) -> None:
+        query(alias)
+        used.append(direct_server.session_id())
+
     for _ in range(20):
         used: list[int] = []
-
-        @task_scope
-        def unit() -> None:
-            query(alias)
-            used.append(direct_server.session_id())
-
-        run_in_thread(unit)
+        run_in_thread(unit, used)
         no_gc.update(used)
         left.append(sessions.wait_until_gone(set(used), GONE_TIMEOUT))
         if left[-1]:
@@ -661,7 +661,7 @@ def green_process(tmp_path: Path, mode: str, alias: str) -> Iterator[GreenProces
 
 
 def test_greenlet_per_unit_leaves_no_session(direct_server, sessions, tmp_path):
-    """gevent, 20 units each in its own greenlet (close_old, CONN_MAX_AGE 60, gc off): no session left."""
+    """gevent, 20 units in a greenlet each (close_old, 60 s): no session left."""
     with green_process(tmp_path, "sequence", direct_server.alias) as process:
         report = process.read()
         left = sessions.wait_until_gone(set(report["units"]), GONE_TIMEOUT)
@@ -677,7 +677,7 @@ def test_greenlet_per_unit_leaves_no_session(direct_server, sessions, tmp_path):
 def test_greenlet_unit_closes_its_connection_at_its_end(
     direct_server, sessions, tmp_path
 ):
-    """gevent: a greenlet's unit closes its connection at its end, the greenlet still alive."""
+    """gevent: a unit closes its connection at its end, its greenlet alive."""
     with green_process(tmp_path, "alive", direct_server.alias) as process:
         report = process.read()
         assert report["unit"] is not None, process.errors()

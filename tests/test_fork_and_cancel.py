@@ -151,7 +151,7 @@ REUSERS = {"pipe": pipe_ends, "socketpair": socketpair_ends}
 def test_fork_spares_a_descriptor_that_reuses_a_dead_connections_number(
     mysql, settings, reuser
 ):
-    """A pipe (or socket) reusing a dropped MariaDB connection's fd number still works in a forked child."""
+    """A pipe or socket reusing a dropped MariaDB socket's fd works in a fork."""
     settings.TASK_DB = {"FORK_SAFETY": True}
     session = mysql.session_id()
     raw = connections["mysql"].connection
@@ -205,7 +205,7 @@ def test_fork_spares_a_descriptor_that_reuses_a_dead_connections_number(
 def test_worker_process_init_keeps_inherited_without_fork_safety(
     direct_server, settings
 ):
-    """With FORK_SAFETY off, Celery's worker_process_init in a child leaves the inherited connection as it was."""
+    """FORK_SAFETY off: Celery's worker_process_init leaves the inherited as it was."""
     settings.TASK_DB = {"FORK_SAFETY": False}
     alias = direct_server.alias
     session = direct_server.session_id()
@@ -219,18 +219,23 @@ def test_worker_process_init_keeps_inherited_without_fork_safety(
         def record(alias: str, reason: str, **kwargs: Any) -> None:
             reasons.append(reason)
 
-        connection_closed.connect(record, weak=False, dispatch_uid="helpe-3b")
+        connection_closed.connect(record, weak=False, dispatch_uid="test-3b")
         celery_signals.worker_process_init.send(sender=None)
-        kept = connections[alias].connection
+        try:
+            status = os.fstat(fd)
+        except OSError as exc:
+            descriptor = f"{fd} closed: {exc}"
+        else:
+            same_socket = stat.S_ISSOCK(status.st_mode) and status.st_ino == inode
+            descriptor = "the same socket" if same_socket else "something else"
         return {
-            "same": kept is raw,
-            "socket": stat.S_ISSOCK(os.fstat(fd).st_mode),
-            "inode": os.fstat(fd)[stat.ST_INO] == inode,
+            "kept": connections[alias].connection is raw,
+            "descriptor": descriptor,
             "closed": reasons,
         }
 
     seen = in_child(child)
-    assert seen == {"same": True, "socket": True, "inode": True, "closed": []}
+    assert seen == {"kept": True, "descriptor": "the same socket", "closed": []}
     assert connections[alias].connection is raw
     assert direct_server.session_id() == session
 
@@ -261,7 +266,7 @@ def memory_alias(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.mark.parametrize("started", [False, True], ids=["fork", "worker_started"])
 def test_in_memory_sqlite_survives_fork(memory_alias, settings, started):
-    """A forked child (also after worker_process_started) still sees the parent's in-memory SQLite table."""
+    """A forked child still sees the parent's in-memory SQLite table."""
     settings.TASK_DB = {"FORK_SAFETY": True}
 
     def child() -> list[int]:
@@ -281,10 +286,8 @@ def test_in_memory_sqlite_survives_fork(memory_alias, settings, started):
 # 3d. A child forked inside the parent's atomic block.
 
 
-def test_child_forked_inside_atomic_block_has_its_own_unit(
-    direct_server, settings
-):
-    """A child forked inside an atomic block queries in a unit on a session of its own; the parent's block commits."""
+def test_child_forked_inside_atomic_block_has_its_own_unit(direct_server, settings):
+    """Forked inside an atomic block: the child's unit gets its own session."""
     settings.TASK_DB = {"FORK_SAFETY": True}
     alias = direct_server.alias
     items = Item.objects.using(alias)
@@ -308,29 +311,35 @@ def test_child_forked_inside_atomic_block_has_its_own_unit(
 
 
 def test_child_forked_inside_atomic_block_logs_once(direct_server, settings):
-    """In that child, one log line says the transaction is the parent's; no "would lose the transaction" warning."""
+    """That child logs once that the transaction is the parent's, and no warning."""
     settings.TASK_DB = {"FORK_SAFETY": True}
     alias = direct_server.alias
 
-    def child() -> list[str]:
+    def child() -> dict[str, Any]:
         # The records list is the child's copy: the handler was installed
         # before the fork, so the fork hook's own records are in it.
+        error = None
         try:
             with task_scope():
                 direct_server.session_id()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
         finally:
             connections.close_all()
-        return [f"{r.levelname}: {r.getMessage()}" for r in records]
+        messages = [f"{r.levelname}: {r.getMessage()}" for r in records]
+        return {"messages": messages, "error": error}
 
     with recording_logs() as records:
         with transaction.atomic(using=alias):
             Item.objects.using(alias).create(name="parent's")
             parent = direct_server.session_id()
-            messages = in_child(child)
+            seen = in_child(child)
             assert direct_server.session_id() == parent
-    about = [m for m in messages if "transaction" in m.lower() or "atomic" in m.lower()]
+    messages = seen["messages"]
     assert not [m for m in messages if "would lose the transaction" in m]
+    about = [m for m in messages if "transaction" in m.lower() or "atomic" in m.lower()]
     assert len(about) == 1, messages
+    assert seen["error"] is None
     assert direct_server.count_rows() == 1
 
 
@@ -394,7 +403,7 @@ STRATEGIES = ["keep", "close_old", "close_all"]
 def test_interrupted_query_is_cancelled_when_unit_succeeds(
     postgres, settings, strategy, locked
 ):
-    """A unit that catches an interruption of its pg_sleep ends with the query cancelled on the server."""
+    """A unit that catches its query's interruption ends with the query cancelled."""
     settings.TASK_DB = {"STRATEGY": strategy}
     tag = f"helpe_sleep_{uuid.uuid4().hex[:12]}"
     item = Item.objects.using("postgres").create(name="locked").pk
@@ -474,10 +483,8 @@ def cancel_worker(redis_url, tmp_path) -> Iterator[Worker]:
     assert not outcome["killed"], (outcome, worker.log()[-20000:])
 
 
-def test_soft_time_limit_caught_in_prefork_task_cancels_query(
-    postgres, cancel_worker
-):
-    """A prefork task that catches SoftTimeLimitExceeded and succeeds leaves no query running on the server."""
+def test_soft_time_limit_caught_in_prefork_task_cancels_query(postgres, cancel_worker):
+    """A prefork task that catches SoftTimeLimitExceeded leaves no query running."""
     tag = f"helpe_soft_{uuid.uuid4().hex[:12]}"
     pid = None
     try:
@@ -521,7 +528,7 @@ def idle_in_transaction_error(server: Server) -> Exception:
 
 
 def test_idle_in_transaction_timeout_is_a_disconnect(direct_server):
-    """The session ended by idle_in_transaction_session_timeout (25P03) or idle_transaction_timeout is a disconnect."""
+    """A session ended by its idle-in-transaction timeout (25P03) is a disconnect."""
     error = idle_in_transaction_error(direct_server)
     if isinstance(direct_server, MySQLServer):
         assert error.args[0] in (2006, 2013, 4031)
@@ -552,7 +559,7 @@ def forget_queue(redis_url: str, queue: str) -> Iterator[None]:
 def test_in_process_worker_started_inside_atomic_block(
     direct_server, redis_url, settings
 ):
-    """start_worker() inside an atomic block leaves that block's connection and transaction alone."""
+    """start_worker() inside an atomic block leaves its connection and rows alone."""
     from celery.contrib.testing.worker import start_worker
 
     settings.TASK_DB = {}
