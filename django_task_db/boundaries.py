@@ -190,6 +190,13 @@ def caller_in_transaction() -> bool:
     )
 
 
+def close_unheld() -> None:
+    """Close this thread's connections, except those the caller holds."""
+    for connection in tracking.open_connections():
+        if tracking.caller_holds(connection) is None:
+            _act(connection, "finish", strategies.close_all)
+
+
 def close_broken() -> None:
     """Close this thread's connections that errors left unusable (unless the
     caller is using them): Django pings a connection that had an error."""

@@ -15,7 +15,7 @@ from weakref import WeakSet
 from celery import signals as celery_signals
 from celery import states
 
-from django_task_db import conf, forks, signals
+from django_task_db import boundaries, conf, forks, signals
 
 logger = logging.getLogger("django_task_db")
 
@@ -44,31 +44,25 @@ def connect() -> None:
         )
 
 
-def replace_fixup(app: Any, worker: Any = None) -> None:
-    """Disconnect the database handlers of Celery's Django fixup for ``app``
-    (its task_prerun, task_postrun and worker_process_init receivers, which
-    close every connection); leave the rest of the fixup in place.
+def replace_fixup(app: Any) -> None:
+    """Take over the database duties of Celery's Django fixup for ``app``:
+    its task_prerun, task_postrun and worker_process_init handlers, which
+    close every connection, do nothing, and its close_database() (at worker
+    start, and beat's) leaves alone what the caller holds, such as a test's
+    atomic block. The rest of the fixup stays in place.
 
-    Tried when ``worker`` starts, which works if the fixup has installed its
-    handlers for that worker already (receivers run in the order they were
-    connected, and Django may have been set up before the Celery app
-    existed; Celery before 5.6 does not say), then in each prefork child and
-    before a process's first task (``worker`` None), when it has. While
-    TASK_DB is invalid the fixup stays in charge: it closes everything.
+    Done on the fixup's worker object itself, so it holds whether the fixup
+    installs its handlers before or after (receivers run in the order they
+    were connected, and Django may be set up before or after the Celery app
+    exists). While TASK_DB is invalid the fixup stays in charge.
     """
     if app in _replaced or not conf.get("REPLACE_CELERY_FIXUP") or not _valid():
         return
-    for fixup in getattr(app, "_fixups", ()):
-        worker_fixup = getattr(fixup, "_worker_fixup", None)
-        if worker_fixup is None:
-            continue
-        if worker is not None and getattr(worker_fixup, "worker", None) is not worker:
-            return
-        celery_signals.task_prerun.disconnect(worker_fixup.on_task_prerun)
-        celery_signals.task_postrun.disconnect(worker_fixup.on_task_postrun)
-        celery_signals.worker_process_init.disconnect(
-            worker_fixup.on_worker_process_init
-        )
+    for worker_fixup in _worker_fixups(app):
+        for signal, name in _TAKEN_OVER:
+            signal.disconnect(getattr(worker_fixup, name))  # if installed
+            setattr(worker_fixup, name, _ignore)
+        worker_fixup.close_database = worker_fixup._close_database = _close_unheld
         logger.info(
             "django-task-db replaced the database handlers of Celery's Django "
             "fixup (task_prerun, task_postrun, worker_process_init) for %r: "
@@ -76,6 +70,40 @@ def replace_fixup(app: Any, worker: Any = None) -> None:
             app,
         )
     _replaced.add(app)
+
+
+_TAKEN_OVER = (
+    (celery_signals.task_prerun, "on_task_prerun"),
+    (celery_signals.task_postrun, "on_task_postrun"),
+    (celery_signals.worker_process_init, "on_worker_process_init"),
+)
+
+
+def _worker_fixups(app: Any) -> list[Any]:
+    """The DjangoWorkerFixup objects of ``app``'s Django fixups."""
+    return [
+        fixup.worker_fixup  # created if need be: the one worker_init installs
+        for fixup in getattr(app, "_fixups", ())
+        if hasattr(type(fixup), "worker_fixup")
+    ]
+
+
+def _restore_fixup(app: Any) -> None:
+    """Give the fixup its own handlers back (the bridge is off for this
+    worker, or TASK_DB is invalid): it installs them when its worker starts."""
+    names = ["close_database", "_close_database"] + [n for _, n in _TAKEN_OVER]
+    for worker_fixup in _worker_fixups(app):
+        for name in names:
+            vars(worker_fixup).pop(name, None)
+
+
+def _ignore(**kwargs: Any) -> None:
+    """What the fixup's replaced handlers do."""
+
+
+def _close_unheld(**kwargs: Any) -> None:
+    """The fixup's close_database(), minus what the caller holds."""
+    boundaries.close_unheld()
 
 
 def _valid() -> bool:
@@ -130,15 +158,18 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     global _app
     try:
         _report_checks()
-        if not _enabled():
+        app = getattr(sender, "app", None)
+        if app is None:
             return
-        _app = getattr(sender, "app", None)
-        if _app is not None:
-            # A new worker for this app: its fixup connects its handlers again.
-            _replaced.discard(_app)
-            replace_fixup(_app, worker=sender)
-            for task in list(_app.tasks.values()):
+        # A new worker for this app: its fixup installs its handlers again.
+        _replaced.discard(app)
+        if _enabled():
+            _app = app
+            replace_fixup(app)
+            for task in list(app.tasks.values()):
                 _task_strategy(task)
+        if app not in _replaced:
+            _restore_fixup(app)
     except Exception:
         logger.exception("django-task-db could not set up the Celery worker.")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 import threading
 import time
@@ -42,8 +43,14 @@ class _Opened(dict[str, "BaseDatabaseWrapper"]):
     not whenever the garbage collector gets to them (Django's connection
     objects are in reference cycles)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.pid = os.getpid()
+
     def __del__(self) -> None:
-        if sys.is_finalizing():
+        # A forked child drops the parent's other threads, and their locals
+        # with them: those connections are the parent's, not to be closed.
+        if sys.is_finalizing() or os.getpid() != self.pid:
             return
         for connection in self.values():
             if connection.connection is None:

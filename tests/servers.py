@@ -20,6 +20,14 @@ from django.db import connections
 REQUIRE_SERVICES = os.environ.get("TASK_DB_REQUIRE_SERVICES") == "1"
 
 
+def idle_past_health_check() -> None:
+    """Wait until a connection used just now has idled past TASK_DB's default
+    HEALTH_CHECK_IDLE, so that its next use is preceded by a health check."""
+    from django_task_db.conf import DEFAULTS
+
+    time.sleep(DEFAULTS["HEALTH_CHECK_IDLE"] + 0.2)
+
+
 def unavailable(server: str, reason: str) -> None:
     message = f"{server} is not reachable: {reason}"
     if REQUIRE_SERVICES:

@@ -39,7 +39,7 @@ from tests.celery_app import (
     write,
     write_then_fail,
 )
-from tests.servers import MySQLServer, Server, Sessions
+from tests.servers import MySQLServer, Server, Sessions, idle_past_health_check
 from tests.testapp.models import Item
 from tests.workers import sending_app, unique_queue
 
@@ -358,6 +358,7 @@ def test_connection_killed_between_tasks(direct_server, settings, inprocess_work
     with inprocess_worker("solo"):
         killed = run(session_id, alias).result
         direct_server.kill(killed)
+        idle_past_health_check()
         after = run(session_id, alias)
     assert after.state == states.SUCCESS
     assert after.result != killed

@@ -25,7 +25,7 @@ from tests.celery_app import (
     write,
     write_then_fail,
 )
-from tests.servers import MySQLServer, Server, Sessions
+from tests.servers import MySQLServer, Server, Sessions, idle_past_health_check
 from tests.workers import (
     Worker,
     read_hooks,
@@ -181,6 +181,7 @@ class TestCloseOld:
         assert before <= held
         for session in held:
             direct_server.kill(session)
+        idle_past_health_check()
         after = set(worker.run_many(session_id, alias, count=20, timeout=TIMEOUT))
         assert after
         assert not after & held

@@ -66,6 +66,7 @@ from tests.servers import (
     MySQLServer,
     Server,
     Sessions,
+    idle_past_health_check,
     in_every_thread,
     local_ports,
     make_server,
@@ -297,6 +298,7 @@ def test_kill_between_units(db, opened):
     outcome = run_unit(write, db.alias, first)
     assert outcome.error is None and outcome.calls == 1
     db.kill(outcome.value)
+    idle_past_health_check()
     second = next_unit_succeeds(db)
     assert second != outcome.value
     assert rows(db, first) == 1
@@ -378,6 +380,7 @@ def test_server_restart_between_units(private, opened):
     outcome = run_unit(write, PRIVATE_ALIAS, first)
     assert outcome.error is None and outcome.calls == 1
     private.instance.restart()
+    idle_past_health_check()
     assert connections[PRIVATE_ALIAS].connection is not None  # the dead one
     next_unit_succeeds(server)
     assert rows(server, first) == 1
@@ -404,6 +407,7 @@ def test_server_down_at_unit_start(private, opened, closed):
     outcome = run_unit(write, PRIVATE_ALIAS, marker("before"))
     assert outcome.error is None
     private.instance.stop()
+    idle_past_health_check()
     marks = [marker("stale"), marker("fresh")]
     for mark in marks:
         outcome = run_unit(write, PRIVATE_ALIAS, mark)

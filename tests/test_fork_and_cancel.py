@@ -27,6 +27,7 @@ import pytest
 from celery import signals as celery_signals
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import OperationalError, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_task_db import is_disconnect, task_scope
 from django_task_db.signals import connection_closed, worker_process_started
@@ -261,6 +262,8 @@ def memory_alias(request: pytest.FixtureRequest) -> Iterator[str]:
             cursor.execute("INSERT INTO kept (x) VALUES (1), (2)")
         yield alias
     finally:
+        # Django's close() leaves an in-memory database open: really close it.
+        BaseDatabaseWrapper.close(connections[alias])
         remove_alias(alias)
 
 

@@ -103,7 +103,7 @@ def test_pool_connection_returned_not_pool_closed(pgpool, settings, closed):
 def test_connection_killed_while_idle(direct_server, settings, health_checks):
     """A connection killed between units is replaced before the next unit's
     first query with HEALTH_CHECKS, and fails that query without it."""
-    settings.TASK_DB = {"HEALTH_CHECKS": health_checks}
+    settings.TASK_DB = {"HEALTH_CHECKS": health_checks, "HEALTH_CHECK_IDLE": 0}
     with task_scope():
         killed = direct_server.session_id()
     direct_server.kill(killed)
@@ -123,8 +123,9 @@ def test_connection_killed_while_idle(direct_server, settings, health_checks):
 def test_health_check_pings_once_and_only_used_aliases(
     mysql, postgres, settings, monkeypatch
 ):
-    """At most one ping per connection per unit, none for an alias left unused."""
-    settings.TASK_DB = {"STRATEGY": "keep"}
+    """With HEALTH_CHECK_IDLE 0: at most one ping per connection per unit,
+    none for an alias left unused."""
+    settings.TASK_DB = {"STRATEGY": "keep", "HEALTH_CHECK_IDLE": 0}
     with task_scope():
         mysql.session_id()
         postgres.session_id()
