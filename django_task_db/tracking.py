@@ -166,9 +166,10 @@ def _watch_idle_time(connection: BaseDatabaseWrapper) -> None:
     # setting autocommit): the place to check a connection that idled.
     ensure_connection = type(connection).ensure_connection
     owner = weakref.ref(connection)
-    # When the driver connection was last used, and which one it was: a
+    # When the driver connection was last used, and which one it was
+    # (weakly: a connection Django dropped must be free to go), so that a
     # connection that connect() is still setting up is not checked.
-    last_use: list[Any] = [time.monotonic(), None]
+    last_use: list[Any] = [time.monotonic(), _no_connection]
 
     def watched_ensure_connection() -> None:
         connection = owner()
@@ -176,14 +177,25 @@ def _watch_idle_time(connection: BaseDatabaseWrapper) -> None:
         raw = connection.connection
         if (
             raw is not None
-            and raw is last_use[1]
+            and raw is last_use[1]()
             and _idle_too_long(time.monotonic() - last_use[0])
         ):
             _check(connection)
         ensure_connection(connection)
-        last_use[:] = time.monotonic(), connection.connection
+        last_use[:] = time.monotonic(), _weak(connection.connection)
 
     connection.ensure_connection = watched_ensure_connection  # type: ignore[method-assign]
+
+
+def _no_connection() -> None:
+    return None
+
+
+def _weak(raw: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(raw)
+    except TypeError:  # sqlite3: no server to lose, nothing to check
+        return _no_connection
 
 
 def _idle_too_long(idle: float) -> bool:

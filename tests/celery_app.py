@@ -88,3 +88,23 @@ def sleep_in_query(alias: str, seconds: float) -> int:
 def pause(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+def uninstall_fixup() -> None:
+    """Disconnect what the Django fixup connected when a worker of ``app``
+    started. In a real process the worker's end is the process's; here,
+    later tests would inherit the fixup's handlers (it connects them again
+    at the next worker's start)."""
+    from celery import signals
+
+    for fixup in app._fixups:
+        worker_fixup = getattr(fixup, "_worker_fixup", None)
+        if worker_fixup is None:
+            continue
+        for signal, name in (
+            (signals.task_prerun, "on_task_prerun"),
+            (signals.task_postrun, "on_task_postrun"),
+            (signals.worker_process_init, "on_worker_process_init"),
+            (signals.beat_embedded_init, "close_database"),
+        ):
+            signal.disconnect(getattr(worker_fixup, name))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,10 @@ def _database_access(django_db_blocker: Any) -> Iterator[None]:
         # And those of the thread where asgiref runs thread-sensitive code
         # outside async_to_sync (async scopes, the async ORM).
         asyncio.run(_close_executor_connections())
+    if "tests.celery_app" in sys.modules:
+        from tests.celery_app import uninstall_fixup
+
+        uninstall_fixup()
 
 
 async def _close_executor_connections() -> None:

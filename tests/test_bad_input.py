@@ -625,3 +625,40 @@ def test_bridge_records_are_not_attributed_to_celery(settings, caplog, queue):
     records = package_records(caplog)
     assert records  # the bridge said something (that the fixup was replaced)
     assert said_by_celery(records) == []
+
+
+# -- Found in review: secrets in messages, names that are not dotted paths ---
+
+SECRET = "Sup3rS3cretPW-not-for-logs"
+
+
+@pytest.mark.parametrize(
+    "task_db",
+    [
+        {"ALIASES": {"default": {"ENGINE": "x", "PASSWORD": SECRET}}},
+        {"STRATEGY": f"postgres://postgres:{SECRET}@127.0.0.1/db"},
+        {"STRATEGY": f"mysql://root:{SECRET}@127.0.0.1/db.strategy"},
+        {"HEALTH_CHECKS": {"PASSWORD": SECRET}},
+        {"ALIASES": [{"PASSWORD": SECRET}]},
+    ],
+    ids=["settings dict", "dsn", "dsn with a dot", "dict as bool", "list"],
+)
+def test_no_secret_in_messages(sqlite, settings, caplog, task_db):
+    """A value that holds a password (a copy of DATABASES[alias], a DSN) is
+    named without it, in the check's message and in the error at use."""
+    settings.TASK_DB = task_db
+    messages = [f"{m.msg} {m.hint}" for m in check_settings()]
+    assert messages
+    with pytest.raises(ImproperlyConfigured) as raised:
+        with task_scope():
+            pass
+    for text in [*messages, str(raised.value), caplog.text]:
+        assert SECRET not in text
+
+
+@pytest.mark.parametrize("name", ["a..b", "1abc.def", "foo bar.baz", "x/y.z", ".x"])
+def test_a_name_that_is_no_dotted_path_is_e003(settings, name):
+    """A strategy name that cannot be a dotted path is E003 ("not a
+    strategy"), not an import error."""
+    settings.TASK_DB = {"STRATEGY": name}
+    assert [m.id for m in check_settings()] == ["django_task_db.E003"]

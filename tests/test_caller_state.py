@@ -382,3 +382,25 @@ def test_boundary_ignores_aliases_other_threads_used(
         assert between == before
     assert initialized() == before
     assert connections[sqlite].connection is None
+
+
+# -- Found in review: a chunked read of a connection closed since ------------
+
+
+def test_chunked_read_of_a_closed_connection_holds_nothing(postgres, settings, caplog):
+    """An iterator left half read on a connection that was closed since does
+    not hold the new connection: a close_all unit closes it, with no warning."""
+    settings.TASK_DB = {"STRATEGY": "close_all"}
+    alias = postgres.alias
+    Item.objects.using(alias).bulk_create(Item(name=str(i)) for i in range(5))
+    rows = Item.objects.using(alias).iterator(chunk_size=2)
+    next(rows)
+    connections[alias].close()
+    with caplog.at_level(logging.WARNING, logger="django_task_db"):
+        with task_scope():
+            session = postgres.session_id()
+    assert connections[alias].connection is None
+    postgres.wait_until_gone(session)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    del rows
+    gc.collect()

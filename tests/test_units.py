@@ -564,3 +564,81 @@ def test_concurrent_unit_ends_while_another_streams(direct_server, sent, ending)
     assert sorted(sent.started) == ["A", "B"]
     assert sorted(sent.finished) == [("A", False), ("B", ending == "failure")]
     direct_server.wait_until_gone(session)
+
+
+# -- Found in review: interleaved generators, receiver order, senders ---------
+
+
+def test_interleaved_generator_keeps_its_transaction_and_cleans_up(direct_server):
+    """g2's scope starts while g1's unit is open, so it is part of that unit:
+    closing g1 first neither rolls back g2's open transaction nor leaves the
+    connection open once g2 is closed too (close_all)."""
+    alias = direct_server.alias
+
+    def g1() -> Iterator[int]:
+        with task_scope(sender="g1", strategy="close_all"):
+            yield direct_server.session_id()
+
+    def g2() -> Iterator[None]:
+        from django.db import transaction
+
+        with task_scope(sender="g2", strategy="close_all"):
+            transaction.set_autocommit(False, using=alias)
+            Item.objects.using(alias).create(name="one")
+            yield
+            Item.objects.using(alias).create(name="two")
+            transaction.commit(using=alias)
+            transaction.set_autocommit(True, using=alias)
+            yield
+
+    first, second = g1(), g2()
+    session = next(first)
+    next(second)
+    first.close()
+    assert connections[alias].connection is not None  # g2 still uses it
+    next(second)
+    second.close()
+    assert direct_server.count_rows() == 2
+    assert connections[alias].connection is None
+    direct_server.wait_until_gone(session)
+
+
+def explode(**kwargs: Any) -> None:
+    raise Boom("a task_finished receiver connected before the app's")
+
+
+def test_cleanup_when_an_earlier_task_finished_receiver_raises(direct_server, sent):
+    """A task_finished receiver that runs before the app's (an app listed
+    before django_task_db) raises: the error reaches the caller, and the unit
+    is cleaned up all the same (close_all ends the server session)."""
+    from django_task_db import apps
+
+    task_finished.disconnect(dispatch_uid="django_task_db.finished")
+    task_finished.connect(explode, weak=False, dispatch_uid="tests.explode")
+    apps.connect_receivers()  # the app's receiver now runs second
+    try:
+        with pytest.raises(Boom):
+            with task_scope(sender="unit", strategy="close_all"):
+                session = direct_server.session_id()
+    finally:
+        task_finished.disconnect(dispatch_uid="tests.explode")
+    assert connections[direct_server.alias].connection is None
+    direct_server.wait_until_gone(session)
+    sent.clear()
+    with task_scope(sender="next"):
+        pass
+    assert sent.started == ["next"]
+
+
+def test_decorated_staticmethod(sent):
+    """@task_scope above @staticmethod: the function is the sender, and the
+    call runs in a unit (a staticmethod object breaks Django's signals)."""
+
+    class Jobs:
+        @task_scope
+        @staticmethod
+        def run(value: int) -> int:
+            return value + 1
+
+    assert Jobs.run(1) == 2
+    assert len(sent.started) == 1 and len(sent.finished) == 1

@@ -39,10 +39,11 @@ from tests.benchmarks.stats import (
     table,
 )
 
-VARIANTS = ("none", "close_old", "close_all", "keep")
+VARIANTS = ("none", "close_old", "close_old_idle_0", "close_all", "keep")
 LABELS = {
     "none": "no scope",
     "close_old": "task_scope, close_old",
+    "close_old_idle_0": "task_scope, close_old, HEALTH_CHECK_IDLE 0",
     "close_all": "task_scope, close_all",
     "keep": "task_scope, keep",
 }
@@ -121,7 +122,11 @@ def _run(
     def on_connect(**kwargs: Any) -> None:
         next(connects)
 
-    task_db = {} if variant == "none" else {"STRATEGY": variant}
+    task_db: dict[str, Any] = {}
+    if variant == "close_old_idle_0":
+        task_db = {"STRATEGY": "close_old", "HEALTH_CHECK_IDLE": 0}
+    elif variant != "none":
+        task_db = {"STRATEGY": variant}
     unit = _unit(backend, variant != "none", seen)
     before = counter.read() if counter else None
     pool = getattr(connections[backend.alias], "pool", None)
