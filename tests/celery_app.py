@@ -9,7 +9,11 @@ test's tasks.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from celery import Celery
 from django.db import connections, transaction
@@ -108,3 +112,41 @@ def uninstall_fixup() -> None:
             (signals.beat_embedded_init, "close_database"),
         ):
             signal.disconnect(getattr(worker_fixup, name))
+
+
+@contextmanager
+def inprocess_worker(
+    queue: str, pool: str = "solo", concurrency: int = 1, timeout: float = 30
+) -> Iterator[Any]:
+    """A worker of ``app`` in this process on ``queue``, stopped as a worker
+    does on SIGTERM: a warm shutdown, which sends worker_shutdown in the
+    worker's thread (start_worker alone stops it cold, which sends nothing)."""
+    from celery import signals
+    from celery.contrib.testing.worker import start_worker
+    from celery.worker import state as worker_state
+
+    stopped = threading.Event()
+
+    def on_shutdown(sender: Any = None, **kwargs: Any) -> None:
+        if sender is worker:
+            stopped.set()
+
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+    try:
+        with start_worker(
+            app,
+            pool=pool,
+            concurrency=concurrency,
+            perform_ping_check=False,
+            queues=[queue],
+            shutdown_timeout=timeout,
+        ) as worker:
+            try:
+                yield worker
+            finally:
+                worker_state.should_stop = 0
+                shut_down = stopped.wait(timeout)
+        assert shut_down, "the worker did not send worker_shutdown"
+    finally:
+        worker_state.should_stop = None
+        signals.worker_shutdown.disconnect(on_shutdown)

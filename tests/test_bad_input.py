@@ -11,7 +11,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -511,40 +510,11 @@ def queue(redis_url: str) -> Iterator[str]:
     client.close()
 
 
-@contextmanager
-def celery_worker(queue: str) -> Iterator[Any]:
+def celery_worker(queue: str) -> Any:
     """A solo worker in this process on ``queue``, stopped warmly."""
-    from celery import signals as celery_signals
-    from celery.contrib.testing.worker import start_worker
-    from celery.worker import state as worker_state
+    from tests.celery_app import inprocess_worker
 
-    from tests.celery_app import app
-
-    stopped = threading.Event()
-
-    def on_shutdown(sender: Any = None, **kwargs: Any) -> None:
-        if sender is worker:
-            stopped.set()
-
-    celery_signals.worker_shutdown.connect(on_shutdown, weak=False)
-    try:
-        with start_worker(
-            app,
-            pool="solo",
-            concurrency=1,
-            perform_ping_check=False,
-            queues=[queue],
-            shutdown_timeout=TIMEOUT,
-        ) as worker:
-            try:
-                yield worker
-            finally:
-                worker_state.should_stop = 0
-                shut_down = stopped.wait(TIMEOUT)
-        assert shut_down, "the worker did not send worker_shutdown"
-    finally:
-        worker_state.should_stop = None
-        celery_signals.worker_shutdown.disconnect(on_shutdown)
+    return inprocess_worker(queue, timeout=TIMEOUT)
 
 
 def package_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -200,45 +200,10 @@ def queue(redis_url: str) -> Iterator[str]:
     client.close()
 
 
-@contextmanager
-def inprocess_worker(queue: str, pool: str, concurrency: int = 1) -> Iterator[Any]:
-    """A worker in this process's thread, stopped warmly (worker_shutdown
-    sent in the worker's thread), as on SIGTERM."""
-    from celery import signals as celery_signals
-    from celery.contrib.testing.worker import start_worker
-    from celery.worker import state as worker_state
+def inprocess_worker(queue: str, pool: str, concurrency: int = 1) -> Any:
+    from tests.celery_app import inprocess_worker as worker
 
-    from tests.celery_app import app
-
-    stopped = threading.Event()
-
-    def on_shutdown(sender: Any = None, **kwargs: Any) -> None:
-        if sender is worker:
-            stopped.set()
-
-    celery_signals.worker_shutdown.connect(
-        on_shutdown, weak=False, dispatch_uid="tests.test_between_units.shutdown"
-    )
-    try:
-        with start_worker(
-            app,
-            pool=pool,
-            concurrency=concurrency,
-            perform_ping_check=False,
-            queues=[queue],
-            shutdown_timeout=TIMEOUT,
-        ) as worker:
-            try:
-                yield worker
-            finally:
-                worker_state.should_stop = 0
-                shut_down = stopped.wait(TIMEOUT)
-        assert shut_down, "the worker did not send worker_shutdown"
-    finally:
-        worker_state.should_stop = None
-        celery_signals.worker_shutdown.disconnect(
-            dispatch_uid="tests.test_between_units.shutdown"
-        )
+    return worker(queue, pool, concurrency, TIMEOUT)
 
 
 def run_task(task: Any, *args: Any) -> Any:

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
 import redis
 from celery import signals as celery_signals
 from celery import states
-from celery.contrib.testing.worker import start_worker, test_worker_started
+from celery.contrib.testing.worker import test_worker_started
 from celery.result import AsyncResult
-from celery.worker import state as worker_state
 from django.db import OperationalError, connections, transaction
 
 from django_task_db import celery_bridge as bridge
@@ -39,6 +37,7 @@ from tests.celery_app import (
     write,
     write_then_fail,
 )
+from tests.celery_app import inprocess_worker as shared_worker
 from tests.servers import MySQLServer, Server, Sessions, idle_past_health_check
 from tests.testapp.models import Item
 from tests.workers import sending_app, unique_queue
@@ -73,45 +72,13 @@ def queue(redis_url: str) -> Iterator[str]:
     client.close()
 
 
-@contextmanager
-def _worker(queue: str, pool: str, concurrency: int) -> Iterator[Any]:
-    stopped = threading.Event()
-
-    def on_shutdown(sender: Any = None, **kwargs: Any) -> None:
-        if sender is worker:
-            stopped.set()
-
-    celery_signals.worker_shutdown.connect(on_shutdown, weak=False)
-    try:
-        with start_worker(
-            app,
-            pool=pool,
-            concurrency=concurrency,
-            perform_ping_check=False,
-            queues=[queue],
-            shutdown_timeout=TIMEOUT,
-        ) as worker:
-            try:
-                yield worker
-            finally:
-                # Stop as a worker does on SIGTERM: a warm shutdown, which
-                # sends worker_shutdown in the worker's thread. start_worker
-                # alone stops it cold, and a cold shutdown sends nothing.
-                worker_state.should_stop = 0
-                shut_down = stopped.wait(TIMEOUT)
-        assert shut_down, "the worker did not send worker_shutdown"
-    finally:
-        worker_state.should_stop = None
-        celery_signals.worker_shutdown.disconnect(on_shutdown)
-
-
 @pytest.fixture
 def inprocess_worker(queue: str) -> Callable[..., AbstractContextManager[Any]]:
     """Start a worker in this process on the test's queue:
     ``with inprocess_worker("threads", 2):``."""
 
     def start(pool: str = "solo", concurrency: int = 1) -> AbstractContextManager[Any]:
-        return _worker(queue, pool, concurrency)
+        return shared_worker(queue, pool, concurrency, TIMEOUT)
 
     return start
 
