@@ -169,7 +169,8 @@ def _watch_idle_time(connection: BaseDatabaseWrapper) -> None:
     # When the driver connection was last used, and which one it was
     # (weakly: a connection Django dropped must be free to go), so that a
     # connection that connect() is still setting up is not checked.
-    last_use: list[Any] = [time.monotonic(), _no_connection]
+    # Installed at the end of connect(): the connection is in use from now.
+    last_use: list[Any] = [time.monotonic(), _weak(connection.connection)]
 
     def watched_ensure_connection() -> None:
         connection = owner()

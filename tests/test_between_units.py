@@ -653,3 +653,28 @@ def test_greenlet_unit_closes_its_connection_at_its_end(
 
     assert report["dead"] is False
     assert left == set()
+
+
+def test_connection_never_used_in_a_unit_survives_a_kill(direct_server):
+    """A connection opened and used only outside any unit (a scheduler, a
+    worker's main process), in a thread that never ran one: killed while
+    idle, its next query succeeds on a new session."""
+    from tests.servers import idle_past_health_check
+
+    outcome: list[Any] = []
+
+    def outside_any_unit() -> None:
+        try:
+            killed = direct_server.session_id()  # a new connection object
+            direct_server.kill(killed)
+            idle_past_health_check()
+            outcome.append(direct_server.session_id() != killed)
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            connections[direct_server.alias].close()
+
+    thread = threading.Thread(target=outside_any_unit)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert outcome == [True]
