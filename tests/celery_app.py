@@ -2,8 +2,7 @@
 that report what the database server sees.
 
 The broker's database number and the queue come from the environment, so each
-test (and each worker subprocess) has its own and no worker takes another
-test's tasks.
+worker subprocess has its own and no worker takes another test's tasks.
 """
 
 from __future__ import annotations
@@ -18,8 +17,11 @@ from typing import Any
 from celery import Celery
 from django.db import connections, transaction
 
-REDIS = os.environ.get("TASK_DB_REDIS_URL", "redis://127.0.0.1:6379")
-REDIS_DB = int(os.environ.get("TASK_DB_REDIS_DB", "11"))
+from tests.names import REDIS_DB_IN_PROCESS, REDIS_URL
+
+REDIS = REDIS_URL
+# Set by tests/workers.py for the worker processes it starts.
+REDIS_DB = int(os.environ.get("TASK_DB_WORKER_REDIS_DB", REDIS_DB_IN_PROCESS))
 
 app = Celery("tests")
 app.conf.update(

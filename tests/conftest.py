@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 
-from tests.servers import MySQLServer, Server, make_server, unavailable
+from tests.servers import UNREACHABLE, Server, make_server, unavailable
 from tests.testapp.models import Item
 
 SERVER_ALIASES = [
@@ -45,15 +45,7 @@ def _prepare(alias: str) -> str | None:
     it failed, or None."""
     server = make_server(alias)
     try:
-        if isinstance(server, MySQLServer):
-            conn = server.admin(database="")
-            with conn.cursor() as cursor:
-                cursor.execute(
-                    f"CREATE DATABASE IF NOT EXISTS {server.settings['NAME']}"
-                )
-            conn.close()
-        else:
-            server.admin().close()
+        server.create_database()
     except Exception as exc:  # the driver's connect error, whichever it is
         return f"{type(exc).__name__}: {exc}"
     if alias != "pgpool":  # pgpool shares the database of "postgres"
@@ -116,7 +108,7 @@ def redis_url() -> str:
     """The Redis server of the Celery tests (broker and result backend)."""
     import redis
 
-    from tests.celery_app import REDIS
+    from tests.names import REDIS_URL as REDIS
 
     try:
         redis.Redis.from_url(REDIS, socket_connect_timeout=5).ping()
@@ -149,3 +141,19 @@ def closed() -> Iterator[list[tuple[str, str]]]:
     connection_closed.connect(record, weak=False)
     yield seen
     connection_closed.disconnect(record)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line at the end: how many tests were skipped for want of which
+    server (the reasons come from tests.servers.unavailable)."""
+    wanted: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else ""
+        server, found, _ = reason.removeprefix("Skipped: ").partition(UNREACHABLE)
+        if found:
+            wanted[server] = wanted.get(server, 0) + 1
+    if wanted:
+        servers = ", ".join(f"{n} for {server}" for server, n in wanted.items())
+        terminalreporter.write_line(
+            f"{sum(wanted.values())} tests skipped for want of a server: {servers}"
+        )

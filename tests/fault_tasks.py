@@ -86,7 +86,7 @@ def probe(barrier_key: str, parties: int) -> dict[str, Any]:
 
     from tests.celery_app import REDIS
 
-    client = redis.Redis.from_url(f"{REDIS}/{os.environ['TASK_DB_REDIS_DB']}")
+    client = redis.Redis.from_url(f"{REDIS}/{os.environ['TASK_DB_WORKER_REDIS_DB']}")
     try:
         client.incr(barrier_key)
         client.expire(barrier_key, 600)

@@ -28,8 +28,11 @@ def idle_past_health_check() -> None:
     time.sleep(DEFAULTS["HEALTH_CHECK_IDLE"] + 0.2)
 
 
+UNREACHABLE = " is not reachable: "
+
+
 def unavailable(server: str, reason: str) -> None:
-    message = f"{server} is not reachable: {reason}"
+    message = f"{server}{UNREACHABLE}{reason}"
     if REQUIRE_SERVICES:
         pytest.fail(f"{message} (TASK_DB_REQUIRE_SERVICES=1)", pytrace=False)
     pytest.skip(message)
@@ -49,6 +52,9 @@ class Server:
         return f"<{type(self).__name__} {self.alias}>"
 
     def admin(self) -> Any:
+        raise NotImplementedError
+
+    def create_database(self) -> None:
         raise NotImplementedError
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -116,6 +122,16 @@ class MySQLServer(Server):
             del kwargs["database"]
         return MySQLdb.connect(**kwargs)
 
+    def create_database(self) -> None:
+        """Create the alias's database unless it exists."""
+        conn = self.admin(database="")
+        try:
+            with conn.cursor() as cursor:
+                name = self.settings["NAME"].replace("`", "``")
+                cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+        finally:
+            conn.close()
+
     def sessions(self) -> set[int]:
         rows = self.query(
             "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s "
@@ -133,7 +149,7 @@ class PostgresServer(Server):
     name = "PostgreSQL"
     session_id_sql = "SELECT pg_backend_pid()"
 
-    def admin(self) -> Any:
+    def admin(self, database: str | None = None) -> Any:
         import psycopg
 
         return psycopg.connect(
@@ -141,10 +157,26 @@ class PostgresServer(Server):
             port=int(self.settings["PORT"]),
             user=self.settings["USER"],
             password=self.settings["PASSWORD"],
-            dbname=self.settings["NAME"],
+            dbname=self.settings["NAME"] if database is None else database,
             autocommit=True,
             connect_timeout=5,
         )
+
+    def create_database(self) -> None:
+        """Create the alias's database unless it exists."""
+        from psycopg import sql
+
+        name = self.settings["NAME"]
+        conn = self.admin(database="postgres")
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cursor.fetchone() is None:
+                    cursor.execute(
+                        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+                    )
+        finally:
+            conn.close()
 
     @property
     def application_name(self) -> str:

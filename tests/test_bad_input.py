@@ -25,12 +25,12 @@ from django.core.exceptions import ImproperlyConfigured
 from django_task_db import task_scope
 from django_task_db.checks import check_settings
 from django_task_db.signals import task_finished, task_started
+from tests.names import REDIS_DB_BAD_INPUT
 from tests.testapp.models import Item
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30
-# The Redis database of this module's Celery workers.
-REDIS_DB = int(os.environ.get("TASK_DB_REDIS_DB", "10"))
+REDIS_DB = REDIS_DB_BAD_INPUT  # this module's Celery workers' broker
 
 # Celery's Redis result backend still calls a method redis-py deprecates.
 pytestmark = pytest.mark.filterwarnings(

@@ -186,7 +186,7 @@ def test_connection_opened_in_a_unit_survives_a_kill_between_units(
 @pytest.fixture
 def queue(redis_url: str) -> Iterator[str]:
     """A queue of this test's own, the test app's default, in the Redis
-    database of this run (TASK_DB_REDIS_DB)."""
+    database of the in-process worker (tests/names.py)."""
     import redis
 
     from tests.celery_app import REDIS_DB

@@ -38,13 +38,14 @@ from tests.celery_app import (
     write_then_fail,
 )
 from tests.celery_app import inprocess_worker as shared_worker
+from tests.names import REDIS_DB_CELERY
 from tests.servers import MySQLServer, Server, Sessions, idle_past_health_check
 from tests.testapp.models import Item
 from tests.workers import sending_app, unique_queue
 
 # This module's own Redis database (tests/celery_app.py uses 11, workers.py 12,
 # the example's tests 13).
-REDIS_DB = 14
+REDIS_DB = REDIS_DB_CELERY
 N = 30
 TIMEOUT = 30
 

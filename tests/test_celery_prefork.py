@@ -133,7 +133,8 @@ class TestCloseOld:
     """TASK_DB {}: close_old, Celery's fixup replaced; persistent connections."""
 
     @pytest.fixture(scope="class")
-    def worker(self, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    @classmethod
+    def worker(cls, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield from start_worker(app, tmp_path_factory, "close_old", task_db={})
 
     def test_close_old_reuses_one_session_per_child(self, worker, direct_server):
@@ -265,7 +266,8 @@ class TestCeleryFixupAlone:
     """TASK_DB {"REPLACE_CELERY_FIXUP": False}: Celery's fixup closes too."""
 
     @pytest.fixture(scope="class")
-    def worker(self, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    @classmethod
+    def worker(cls, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield from start_worker(
             app, tmp_path_factory, "fixup", task_db={"REPLACE_CELERY_FIXUP": False}
         )
@@ -337,7 +339,8 @@ class TestForkSafety:
     """TASK_DB {}: the children discard what they inherit from the main process."""
 
     @pytest.fixture(scope="class")
-    def worker(self, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    @classmethod
+    def worker(cls, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield from fork_worker(app, tmp_path_factory, "fork_safe", {})
 
     def test_children_spare_parent_connection(self, worker, direct_server):
@@ -364,8 +367,9 @@ class TestForkSafetyOff:
         ],
         ids=["fixup_and_bridge", "fixup_alone"],
     )
+    @classmethod
     def worker(
-        self,
+        cls,
         app: Any,
         tmp_path_factory: pytest.TempPathFactory,
         request: pytest.FixtureRequest,
@@ -397,8 +401,9 @@ class TestShutdown:
     """SIGTERM: the worker stops, with its children and its server sessions."""
 
     @pytest.fixture(scope="class")
+    @classmethod
     def stopped(
-        self,
+        cls,
         app: Any,
         tmp_path_factory: pytest.TempPathFactory,
         django_db_blocker: Any,
@@ -416,7 +421,7 @@ class TestShutdown:
             # server_for may create the test table through Django, the
             # first time.
             with django_db_blocker.unblock():
-                seen = self.run_and_stop(worker, hooks, SERVER_ALIASES, server_for)
+                seen = cls.run_and_stop(worker, hooks, SERVER_ALIASES, server_for)
         except BaseException:
             starting.close()  # stops the worker
             raise
@@ -478,7 +483,8 @@ class TestGevent:
     """``--pool=gevent -c 10``: a greenlet per task, connections per greenlet."""
 
     @pytest.fixture(scope="class")
-    def worker(self, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    @classmethod
+    def worker(cls, app: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         pytest.importorskip("gevent")
         directory = tmp_path_factory.mktemp("gevent")
         worker = Worker(

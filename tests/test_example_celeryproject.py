@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.names import REDIS_DB_EXAMPLE
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "examples" / "celeryproject"
-REDIS_DB = 13  # the example's own Redis database, apart from the other tests'
+REDIS_DB = REDIS_DB_EXAMPLE  # the example's own, apart from the other tests'
 
 # The environment variables that the example's settings read.
 SETTINGS_VARIABLES = (

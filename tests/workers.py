@@ -34,8 +34,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from tests.names import REDIS_DB_WORKERS
+
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_DB = 12  # the broker and result database of these workers, no one else's
+REDIS_DB = REDIS_DB_WORKERS  # these workers' broker and results, no one else's
 START_TIMEOUT = 60
 STOP_TIMEOUT = 30
 HOOKS_ENV = "TASK_DB_WORKER_HOOKS"
@@ -176,7 +178,7 @@ class Worker:
             TASK_DB_TEST_SETTINGS=json.dumps(self.task_db),
             TASK_DB_CELERY_QUEUE=self.queue,
             TASK_DB_REDIS_URL=REDIS,
-            TASK_DB_REDIS_DB=str(REDIS_DB),
+            TASK_DB_WORKER_REDIS_DB=str(REDIS_DB),
             PYTHONUNBUFFERED="1",
         )
         # The worker imports this checkout's package and tests, whatever

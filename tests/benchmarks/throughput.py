@@ -48,9 +48,10 @@ from tests.benchmarks.stats import (
     stats,
     table,
 )
+from tests.names import REDIS_DB_BENCHMARK
 from tests.workers import START_TIMEOUT, STOP_TIMEOUT, Worker, unique_queue
 
-REDIS_DB = 15  # the benchmark's own broker and result database
+REDIS_DB = REDIS_DB_BENCHMARK  # the benchmark's own broker and result database
 POOLS = ("solo", "prefork")
 POOL_LABELS = {"solo": "solo, in-process", "prefork": "prefork -c 2"}
 CONCURRENCY = {"solo": 1, "prefork": 2}
@@ -229,7 +230,7 @@ class BenchWorker(Worker):
 
     def environment(self) -> dict[str, str]:
         env = super().environment()
-        env["TASK_DB_REDIS_DB"] = str(REDIS_DB)
+        env["TASK_DB_WORKER_REDIS_DB"] = str(REDIS_DB)
         env.pop(bench_worker.NO_FIXUP_ENV, None)
         if self.setup.no_fixup:
             env[bench_worker.NO_FIXUP_ENV] = "1"
