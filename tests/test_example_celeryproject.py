@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,35 +99,91 @@ def test_migrate_creates_the_orders_table(tmp_path: Path) -> None:
     assert "orders_order" in tables
 
 
-def test_worker_runs_send_orders(redis_url: str, tmp_path: Path) -> None:
-    """A real worker runs the tasks of send_orders: reuse, close_all, failure."""
-    database = tmp_path / "db.sqlite3"
-    env = project_env(
-        database,
-        CELERY_BROKER_URL=f"{redis_url}/{REDIS_DB}",
-        CELERY_RESULT_BACKEND=f"{redis_url}/{REDIS_DB}",
-        CELERY_TASK_DEFAULT_QUEUE=f"celeryproject-{uuid.uuid4().hex}",
+@pytest.fixture(params=["sqlite", "mysql", "postgresql"])
+def database(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[dict[str, str], Callable[[str], list[Any]]]]:
+    """The example's database variables for one engine, on a database of
+    its own (created empty, dropped after), and a function that runs a query
+    there."""
+    engine = request.param
+    if engine == "sqlite":
+        path = tmp_path / "db.sqlite3"
+
+        def query(sql: str) -> list[Any]:
+            with closing(sqlite3.connect(path)) as db:
+                return db.execute(sql).fetchall()
+
+        yield {"DATABASE_NAME": str(path)}, query
+        return
+    server = request.getfixturevalue("mysql" if engine == "mysql" else "postgres")
+    name = f"{server.settings['NAME']}_example"
+    admin_database = "" if engine == "mysql" else "postgres"
+
+    def on_server(sql: str, database: str = name) -> list[Any]:
+        conn = server.admin(database=database)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql)
+                return list(cursor.fetchall()) if cursor.description else []
+        finally:
+            conn.close()
+
+    on_server(f"DROP DATABASE IF EXISTS {name}", admin_database)
+    on_server(f"CREATE DATABASE {name}", admin_database)
+    yield (
+        {
+            "DATABASE_ENGINE": engine,
+            "DATABASE_HOST": server.settings["HOST"],
+            "DATABASE_PORT": str(server.settings["PORT"]),
+            "DATABASE_USER": server.settings["USER"],
+            "DATABASE_PASSWORD": server.settings["PASSWORD"],
+            "DATABASE_NAME": name,
+        },
+        on_server,
     )
+    on_server(f"DROP DATABASE IF EXISTS {name}", admin_database)
+
+
+def test_worker_runs_send_orders(
+    redis_url: str,
+    tmp_path: Path,
+    database: tuple[dict[str, str], Callable[[str], list[Any]]],
+) -> None:
+    """The README's run: a prefork worker with one pool process runs the
+    tasks of send_orders (reuse, close_all, failure), and Ctrl-C (SIGINT to
+    its process group) closes the connection left open."""
+    variables, query = database
+    env = {
+        **project_env(tmp_path / "unused.sqlite3"),
+        **variables,
+        "CELERY_BROKER_URL": f"{redis_url}/{REDIS_DB}",
+        "CELERY_RESULT_BACKEND": f"{redis_url}/{REDIS_DB}",
+        "CELERY_TASK_DEFAULT_QUEUE": f"celeryproject-{uuid.uuid4().hex}",
+    }
     assert manage(env, "migrate").returncode == 0
     log = tmp_path / "worker.log"
     with log.open("wb") as output:
         worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "proj", "worker", "-l", "info"]
-            + ["--pool=solo", "-Q", env["CELERY_TASK_DEFAULT_QUEUE"]]
+            + ["--pool=prefork", "-c", "1", "-Q", env["CELERY_TASK_DEFAULT_QUEUE"]]
             + ["--without-heartbeat", "--without-gossip", "--without-mingle"],
             cwd=PROJECT,
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group, as in a terminal
         )
     try:
         wait_for_line(log, " ready.", worker)
-        result = manage(env, "send_orders", "--count", "6", "--timeout", "30")
+        result = manage(env, "send_orders", "--timeout", "30")
         assert result.returncode == 0, result.stderr + log.read_text()
         # The worker's first connection is reused by the second order; the
         # close_all task and the failed one each get their own; the next order
         # opens a new one, which the one after reuses.
-        name = f"{worker.pid}#"
+        pid = re.match(r"1\. .* connection (\d+)#1 opened", result.stdout)
+        assert pid, result.stdout
+        name = f"{pid[1]}#"
         assert result.stdout.splitlines() == [
             f"1. create_order(1): order 1 saved; connection {name}1 opened",
             f"2. create_order(2): order 2 saved; connection {name}1 reused",
@@ -135,22 +193,23 @@ def test_worker_runs_send_orders(redis_url: str, tmp_path: Path) -> None:
             f"5. create_order(5): order 5 saved; connection {name}4 opened",
             f"6. create_order(6): order 6 saved; connection {name}4 reused",
         ]
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=60) == 0
+        assert int(pid[1]) != worker.pid  # a pool process ran them
+        os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C
+        # Celery's SIGINT handler ends a warm shutdown with EX_FAILURE (1).
+        assert worker.wait(timeout=60) == 1, log.read_text()[-3000:]
     finally:
         if worker.poll() is None:
-            worker.kill()
+            os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
     worker_log = log.read_text()
     replaced = "replaced the database handlers of Celery's Django fixup"
     assert replaced in worker_log  # django_task_db's log
-    closed = re.findall(r"connection \d+#(\d+) closed \((\w+)\)", worker_log)
+    closed = re.findall(r"connection (\d+#\d+) closed \((\w+)\)", worker_log)
     assert closed == [
-        ("1", "close_all"),
-        ("2", "close_all"),
-        ("3", "failure"),
-        ("4", "worker_stopping"),
+        (f"{name}1", "close_all"),
+        (f"{name}2", "close_all"),
+        (f"{name}3", "failure"),
+        (f"{name}4", "worker_stopping"),
     ]
-    with closing(sqlite3.connect(database)) as db:
-        numbers = [row[0] for row in db.execute("SELECT number FROM orders_order")]
+    numbers = [row[0] for row in query("SELECT number FROM orders_order")]
     assert sorted(numbers) == [1, 2, 4, 5, 6]  # the failed task's order was saved

@@ -23,6 +23,16 @@ _counter = itertools.count(1)
 _numbers: WeakKeyDictionary[BaseDatabaseWrapper, int] = WeakKeyDictionary()
 
 
+def _restart_count() -> None:
+    """In a forked pool process, count its own connections from 1 (the main
+    process opens one when Celery runs Django's checks at start)."""
+    global _counter
+    _counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_restart_count)
+
+
 def name(alias: str = "default") -> str:
     """The name of this thread's connection to ``alias``."""
     return f"{os.getpid()}#{_numbers.get(connections[alias], 0)}"

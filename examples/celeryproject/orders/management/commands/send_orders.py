@@ -54,7 +54,7 @@ class Command(BaseCommand):
     help = "Send order tasks to the Celery worker and print their results."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--count", type=int, default=8, help="tasks to send")
+        parser.add_argument("--count", type=int, default=6, help="tasks to send")
         parser.add_argument(
             "--timeout", type=float, default=30, help="seconds to wait for each"
         )
