@@ -1299,7 +1299,10 @@ def test_bad_task_db_fails_at_check_without_the_sentinel(sentinel_aliases, setti
     try:
         messages = check_settings(None)
         with pytest.raises(SystemCheckError) as raised:
-            call_command("check")
+            # This app's checks only: from Django 6.0 the model checks of
+            # other apps connect to each MySQL alias (its data_types depend
+            # on the server version), which the sentinel's port refuses.
+            call_command("check", "django_task_db")
         settings.TASK_DB = {"ALIASES": {"sentinel_pool": "keep"}}
         messages += check_settings(None)  # W001: the pool without health checks
     finally:
