@@ -1,8 +1,9 @@
 """The Celery bridge: Celery's worker and task signals drive django-task-db's.
 
 Imported by the app only when Celery is installed. Every receiver checks
-TASK_DB["CELERY"] when it runs, logs its errors instead of raising them, and
-leaves eager tasks (``task.apply()``, ``task_always_eager``) alone: they run
+TASK_DB["CELERY"] when it runs, logs its errors instead of raising them, does
+nothing around tasks while TASK_DB is invalid (Celery's fixup stays in
+charge), and leaves eager tasks (``task.apply()``, ``task_always_eager``) alone: they run
 in the caller's thread, on the caller's connections and transaction.
 """
 
@@ -207,7 +208,8 @@ def _on_task_prerun(sender: Any = None, task: Any = None, **kwargs: Any) -> None
         if not _enabled() or _is_eager(task):
             return
         replace_fixup(task.app)
-        signals.task_started.send(sender=task, strategy=_task_strategy(task))
+        if task.app in _replaced or _valid():
+            signals.task_started.send(sender=task, strategy=_task_strategy(task))
     except conf.SettingError as exc:
         _log_invalid(exc)
     except Exception:
@@ -221,11 +223,12 @@ def _on_task_postrun(
     try:
         if not _enabled() or _is_eager(task):
             return
-        signals.task_finished.send(
-            sender=task,
-            failed=state != states.SUCCESS,
-            strategy=_task_strategy(task),
-        )
+        if task.app in _replaced or _valid():
+            signals.task_finished.send(
+                sender=task,
+                failed=state != states.SUCCESS,
+                strategy=_task_strategy(task),
+            )
     except conf.SettingError as exc:
         _log_invalid(exc)
     except Exception:

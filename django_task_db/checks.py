@@ -69,8 +69,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         errors.append(
             Warning(
                 "TASK_DB['REPLACE_CELERY_FIXUP'] is False: Celery's Django fixup "
-                "will close every database connection before and after every "
-                "task, whatever TASK_DB['STRATEGY'] says.",
+                "also closes database connections before and after every task, "
+                "inside atomic blocks too; from Celery 5.6 it closes every "
+                "connection, whatever TASK_DB['STRATEGY'] says.",
                 hint="Remove REPLACE_CELERY_FIXUP from TASK_DB to let "
                 "django-task-db take over the fixup's database handling.",
                 id="django_task_db.W002",
