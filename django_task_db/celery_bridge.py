@@ -48,9 +48,9 @@ def connect() -> None:
 def replace_fixup(app: Any) -> None:
     """Take over the database duties of Celery's Django fixup for ``app``:
     its task_prerun, task_postrun and worker_process_init handlers, which
-    close every connection, do nothing, and its close_database() (at worker
-    start, and beat's) leaves alone what the caller holds, such as a test's
-    atomic block. The rest of the fixup stays in place.
+    close connections (every one, from Celery 5.6), do nothing, and its
+    close_database() (at worker start, and beat's) leaves alone what the
+    caller holds, such as a test's atomic block. The rest of the fixup stays in place.
 
     Done on the fixup's worker object itself, so it holds whether the fixup
     installs its handlers before or after (receivers run in the order they
