@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import celery
 from celery import Celery
 from django.db import connections, transaction
 
@@ -34,6 +35,10 @@ app.conf.update(
     task_acks_late=False,
     result_expires=600,
 )
+
+# Celery 5.6 changed its Django fixup's close_database() from
+# close_if_unusable_or_obsolete() (CONN_MAX_AGE decides) to close().
+FIXUP_CLOSES_EVERY_CONNECTION = celery.VERSION >= (5, 6)
 
 SESSION_ID_SQL = {
     "mysql": "SELECT CONNECTION_ID()",

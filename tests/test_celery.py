@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
-import celery
 import pytest
 import redis
 from celery import signals as celery_signals
@@ -30,6 +29,7 @@ from django.db import OperationalError, connections, transaction
 from django_task_db import celery_bridge as bridge
 from django_task_db.checks import check_settings
 from tests.celery_app import (
+    FIXUP_CLOSES_EVERY_CONNECTION,
     SESSION_ID_SQL,
     app,
     session_id,
@@ -45,9 +45,6 @@ from tests.testapp.models import Item
 from tests.workers import sending_app, unique_queue
 
 REDIS_DB = REDIS_DB_CELERY
-# Celery 5.6 changed the fixup's task_postrun from
-# close_if_unusable_or_obsolete() (CONN_MAX_AGE decides) to close().
-FIXUP_CLOSES_EVERY_CONNECTION = celery.VERSION >= (5, 6)
 N = 30
 TIMEOUT = 30
 
