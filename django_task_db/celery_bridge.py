@@ -3,8 +3,9 @@
 Imported by the app only when Celery is installed. Every receiver checks
 TASK_DB["CELERY"] when it runs, logs its errors instead of raising them, does
 nothing around tasks while TASK_DB is invalid (Celery's fixup stays in
-charge), and leaves eager tasks (``task.apply()``, ``task_always_eager``) alone: they run
-in the caller's thread, on the caller's connections and transaction.
+charge), and leaves eager tasks (``task.apply()``, ``task_always_eager``)
+alone: they run in the caller's thread, on the caller's connections and
+transaction.
 """
 
 from __future__ import annotations
