@@ -49,7 +49,7 @@ def connect_receivers() -> None:
     signals.worker_stopping.connect(
         _on_worker_stopping, dispatch_uid="django_task_db.worker_stopping"
     )
-    signals.receivers_connected = True
+    signals.receivers_ready()
 
 
 def register_fork_hook() -> None:
@@ -65,13 +65,13 @@ def register_fork_hook() -> None:
 
 
 def _on_task_started(strategy: conf.StrategySpec | None = None, **kwargs: Any) -> None:
-    boundaries.start_unit(strategy, units.handed_over.get())
+    boundaries.start_unit(strategy, units.here().handed_over)
 
 
 def _on_task_finished(
     failed: bool = False, strategy: conf.StrategySpec | None = None, **kwargs: Any
 ) -> None:
-    boundaries.finish_unit(bool(failed), strategy, units.handed_over.get())
+    boundaries.finish_unit(bool(failed), strategy, units.here().handed_over)
 
 
 def _on_worker_process_started(**kwargs: Any) -> None:

@@ -31,10 +31,8 @@ def start_unit(
 ) -> units.Unit:
     """Start ``unit`` (None: a runner's own task_started) in this thread and
     prepare its open connections, unless another unit is using them."""
-    default, per_alias = conf.strategies_for(strategy)
-    # With HEALTH_CHECK_IDLE 0, Django pings before each unit's first query;
-    # otherwise tracking checks any connection that idled, at its next use.
-    arm = conf.get("HEALTH_CHECKS") and conf.get("HEALTH_CHECK_IDLE") == 0
+    config = conf.boundary()
+    default, per_alias = conf.strategies_for(strategy, config)
     users = units.here()
     if unit is None:
         unit = units.Unit(units.current_task())
@@ -47,7 +45,8 @@ def start_unit(
     unit.thread = threading.get_ident()
     if not users.add(unit):
         return unit
-    users.kept.clear()
+    if users.kept:
+        users.kept = set()
     users.ended.clear()
     for connection in tracking.open_connections():
         if connection.connection is None:  # another alias's strategy closed it
@@ -58,11 +57,12 @@ def start_unit(
             users.kept.add(connection.alias)
             _warn_left_open(connection, "start", held, chosen)
             continue
-        if arm:
+        if config.ping_every_unit:
             # Django pings before the next query when these are set (and
             # close_if_unusable_or_obsolete, which pings itself after an
             # error, sets health_check_done): at most one ping per unit, and
-            # none for a connection the unit does not use.
+            # none for a connection the unit does not use. Otherwise
+            # tracking checks a connection that idled, at its next use.
             connection.health_check_enabled = True  # type: ignore[attr-defined]
             connection.health_check_done = False  # type: ignore[attr-defined]
         else:
@@ -82,9 +82,8 @@ def finish_unit(
     this thread's open connections, if no other unit is using them."""
     users = units.here()
     if unit is None:
+        # It stays units.current, ended: no code is inside it any more.
         unit = users.by_signal
-        if unit is not None and units.current.get() is unit:
-            units.current.set(None)
     if unit is None:
         last = not users.running()
     else:
@@ -95,25 +94,30 @@ def finish_unit(
             # unit's own thread cleans up at its next unit's start.
             return
     # The unit has ended before anything can fail.
-    default, per_alias = conf.strategies_for(strategy)
-    close_on_failure = conf.get("CLOSE_ON_FAILURE")
-    close_caches_too = conf.get("CLOSE_CACHES")
-    users.ended.append((default, per_alias, failed))
+    config = conf.boundary()
+    finishing = conf.strategies_for(strategy, config)
     if not last:
-        return  # the last unit to end cleans up for this one too
-    ended, users.ended = users.ended, []
-    kept = set(users.kept)
-    users.kept.clear()
-    failed = any(failed for _, _, failed in ended)
+        # The last unit to end cleans up for this one too.
+        users.ended.append((*finishing, failed))
+        return
+    ended = [finishing]
+    if users.ended:
+        failed = failed or any(failed for _, _, failed in users.ended)
+        ended += [(default, per_alias) for default, per_alias, _ in users.ended]
+        users.ended = []
     if tracking.in_greenlet():
         # Its connections die with the greenlet: close them with the unit
         # (what Celery's own fixup does for gevent and eventlet pools).
-        ended.append((strategies.close_all, {}, False))
+        ended.append((strategies.close_all, {}))
+    kept = users.kept
+    if kept:
+        users.kept = set()
+    close_on_failure = failed and config.close_on_failure
     for connection in tracking.open_connections():
         if connection.connection is None:  # another alias's strategy closed it
             continue
         chosen: list[conf.Strategy]
-        if failed and close_on_failure or _still_running(connection):
+        if close_on_failure or _still_running(connection):
             chosen, reason = [_close_after_failure], "failure"
         else:
             chosen, reason = _strategies_of(connection.alias, ended), None
@@ -128,7 +132,7 @@ def finish_unit(
         for each in chosen:
             if connection.connection is not None:
                 _act(connection, "finish", each, reason)
-    if close_caches_too:
+    if config.close_caches:
         try:
             close_caches()
         except Exception:
@@ -136,11 +140,14 @@ def finish_unit(
 
 
 def _strategies_of(
-    alias: str, ended: list[tuple[conf.Strategy, dict[str, conf.Strategy], bool]]
+    alias: str, ended: list[tuple[conf.Strategy, dict[str, conf.Strategy]]]
 ) -> list[conf.Strategy]:
     """The finish strategies of the units that ended, for ``alias``, each once."""
+    if len(ended) == 1:
+        default, per_alias = ended[0]
+        return [per_alias.get(alias, default)]
     chosen: list[conf.Strategy] = []
-    for default, per_alias, _ in ended:
+    for default, per_alias in ended:
         strategy = per_alias.get(alias, default)
         if all(strategy is not other for other in chosen):
             chosen.append(strategy)
@@ -167,6 +174,8 @@ def _still_running(connection: BaseDatabaseWrapper) -> bool:
     a signal handler that raised) still runs on the server. psycopg 3 and
     psycopg2 say so: transaction status ACTIVE (libpq's PQTRANS_ACTIVE, 1).
     An interrupted mysqlclient read resumes, so MySQL never needs this."""
+    if connection.vendor != "postgresql":
+        return False
     info = getattr(connection.connection, "info", None)
     return getattr(info, "transaction_status", None) == 1
 

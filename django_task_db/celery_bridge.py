@@ -111,7 +111,7 @@ def _close_unheld(**kwargs: Any) -> None:
 def _valid() -> bool:
     """Whether TASK_DB can be applied; if not, say so once."""
     try:
-        conf.strategies_for()
+        conf.boundary()
         for key in conf.DEFAULTS:
             conf.get(key)
     except conf.SettingError as exc:

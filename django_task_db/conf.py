@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -130,24 +132,59 @@ def get(key: str) -> Any:
     return value
 
 
-def strategies_for(
-    override: StrategySpec | None = None,
-) -> tuple[Strategy, dict[str, Strategy]]:
-    """The strategies of one boundary: the default one, and those of the
-    aliases that have their own. A unit's override applies to every alias.
-    Resolved before any connection is touched, so a bad value raises first."""
-    if override is not None:
-        return load(override, "the unit's strategy"), {}
-    return _settings_strategies()
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    """What a unit's boundaries need of TASK_DB, validated: read once per
+    value of the setting, not at every boundary."""
+
+    strategy: Strategy  # STRATEGY
+    aliases: dict[str, Strategy]  # ALIASES
+    ping_every_unit: bool  # HEALTH_CHECKS, with HEALTH_CHECK_IDLE 0
+    close_on_failure: bool  # CLOSE_ON_FAILURE
+    close_caches: bool  # CLOSE_CACHES
 
 
 @cache
-def _settings_strategies() -> tuple[Strategy, dict[str, Strategy]]:
+def boundary() -> Boundary:
+    """TASK_DB for the boundaries. Raises SettingError for a bad value
+    (without caching it: it raises again at the next boundary)."""
     aliases = {
         alias: load(spec, f"TASK_DB['ALIASES'][{alias!r}]")
         for alias, spec in get("ALIASES").items()
     }
-    return load(get("STRATEGY"), "TASK_DB['STRATEGY']"), aliases
+    return Boundary(
+        strategy=load(get("STRATEGY"), "TASK_DB['STRATEGY']"),
+        aliases=aliases,
+        ping_every_unit=get("HEALTH_CHECKS") and get("HEALTH_CHECK_IDLE") == 0,
+        close_on_failure=get("CLOSE_ON_FAILURE"),
+        close_caches=get("CLOSE_CACHES"),
+    )
+
+
+@cache
+def idle_limit() -> float:
+    """Seconds of idling after which a connection is checked at its next
+    use: HEALTH_CHECK_IDLE, or infinity when HEALTH_CHECKS is off, when it is
+    0 (Django pings before each unit's first query instead) or invalid (the
+    next boundary and the system checks report it)."""
+    try:
+        idle: float = get("HEALTH_CHECK_IDLE")
+        if get("HEALTH_CHECKS") and idle > 0:
+            return idle
+    except SettingError:
+        pass
+    return math.inf
+
+
+def strategies_for(
+    override: StrategySpec | None, config: Boundary
+) -> tuple[Strategy, dict[str, Strategy]]:
+    """The strategies of one boundary: the default one, and those of the
+    aliases that have their own. A unit's override applies to every alias.
+    Resolved before any connection is touched, so a bad value raises first."""
+    if override is None:
+        return config.strategy, config.aliases
+    return load(override, "the unit's strategy"), {}
 
 
 def load(spec: StrategySpec, where: str) -> Strategy:
@@ -235,4 +272,5 @@ def clear_cache(*, setting: str, **kwargs: Any) -> None:
         _load_string.cache_clear()
         _import.cache_clear()
         get.cache_clear()
-        _settings_strategies.cache_clear()
+        boundary.cache_clear()
+        idle_limit.cache_clear()

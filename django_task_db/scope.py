@@ -6,8 +6,7 @@ import inspect
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import Token
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -49,11 +48,7 @@ class TaskScope:
         sender: Any = None,
         retry_on_disconnect: int = 0,
     ):
-        if (
-            isinstance(retry_on_disconnect, bool)
-            or not isinstance(retry_on_disconnect, int)
-            or retry_on_disconnect < 0
-        ):
+        if type(retry_on_disconnect) is not int or retry_on_disconnect < 0:
             raise ValueError(
                 f"retry_on_disconnect is {retry_on_disconnect!r}; allowed: a "
                 "whole number of retries, 0 (the default) or more."
@@ -84,8 +79,10 @@ class TaskScope:
     ) -> None:
         unit = self._leave(exc)
         if unit is not None:
-            with _unless_failed(exc):
+            try:
                 _finish(unit)
+            except Exception:
+                _unless_failed(exc)
 
     async def __aenter__(self) -> None:
         self._only_decorators_retry()
@@ -108,8 +105,10 @@ class TaskScope:
     ) -> None:
         unit = self._leave(exc)
         if unit is not None:
-            with _unless_failed(exc):
+            try:
                 await sync_to_async(_finish, thread_sensitive=True)(unit)
+            except Exception:
+                _unless_failed(exc)
 
     def __call__(self, func: F) -> F:
         """Decorate ``func`` (a function or a coroutine function) so that each
@@ -200,14 +199,18 @@ class TaskScope:
         """
         thread, task = threading.get_ident(), units.current_task()
         entries = self._entries
-        index = next(
-            (
-                i
-                for i in range(len(entries) - 1, -1, -1)
-                if entries[i][2] == thread and entries[i][3] is task
-            ),
-            len(entries) - 1,
-        )
+        latest = entries[-1]
+        if latest[2] == thread and latest[3] is task:
+            index = len(entries) - 1
+        else:
+            index = next(
+                (
+                    i
+                    for i in range(len(entries) - 1, -1, -1)
+                    if entries[i][2] == thread and entries[i][3] is task
+                ),
+                len(entries) - 1,
+            )
         unit, token, _, _ = entries.pop(index)
         if token is not None and units.current.get() is unit:
             try:
@@ -237,20 +240,22 @@ def _start(unit: Unit) -> None:
     """Send ``unit``'s task_started, in the thread of its connections; the
     app's receiver takes the unit from ``handed_over``. If sending fails,
     the unit is over: nothing leaves its thread inside a unit."""
-    token = units.handed_over.set(unit)
+    users = units.here()
+    previous, users.handed_over = users.handed_over, unit
     try:
         task_started.send(unit.sender, strategy=unit.strategy)
     except BaseException:
         unit.end()
         raise
     finally:
-        units.handed_over.reset(token)
+        users.handed_over = previous
 
 
 def _finish(unit: Unit) -> None:
     """Send ``unit``'s task_finished, in the thread of its connections. If a
     receiver that runs before the app's raises, clean up all the same."""
-    token = units.handed_over.set(unit)
+    users = units.here()
+    previous, users.handed_over = users.handed_over, unit
     try:
         task_finished.send(unit.sender, failed=unit.failed, strategy=unit.strategy)
     except BaseException:
@@ -261,7 +266,7 @@ def _finish(unit: Unit) -> None:
                 logger.exception("Cleaning up after a unit of work failed.")
         raise
     finally:
-        units.handed_over.reset(token)
+        users.handed_over = previous
         unit.end()
 
 
@@ -291,16 +296,13 @@ def _retry(
     return True
 
 
-@contextmanager
-def _unless_failed(exc: BaseException | None) -> Iterator[None]:
-    """Let an error of the cleanup through, unless the body already failed:
-    then log it, and the body's own exception goes on unchanged."""
-    try:
-        yield
-    except Exception:
-        if exc is None:
-            raise
-        logger.exception("Cleaning up after a failed unit of work failed too.")
+def _unless_failed(exc: BaseException | None) -> None:
+    """Called in the handler of an error of the cleanup: let it through,
+    unless the body already failed: then log it, and the body's own
+    exception goes on unchanged."""
+    if exc is None:
+        raise  # the error being handled
+    logger.exception("Cleaning up after a failed unit of work failed too.")
 
 
 @overload

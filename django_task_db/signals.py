@@ -27,7 +27,7 @@ Sent by the app:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from django.core.exceptions import ImproperlyConfigured
 from django.dispatch import Signal
@@ -39,30 +39,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_task_db")
 
-# Set by the app's ready(), once its receivers are connected.
-receivers_connected = False
 
+class _NoCache:
+    """The sender cache of signals that do not cache. Django's Signal.send
+    looks every sender up in it, and a dict would raise TypeError for an
+    unhashable sender (a dict, a list): ``get`` here never hashes, and never
+    answers NO_RECEIVERS."""
 
-class _AnySender(dict[Any, Any]):
-    """Django's Signal.send looks every sender up in this dict (empty, as
-    the signals do not cache): a dict or a list as sender raised TypeError."""
+    __slots__ = ()
+    get = staticmethod(id)
 
-    def get(self, key: Any, default: Any = None) -> Any:
-        try:
-            return super().get(key, default)
-        except TypeError:
-            return default
+    def clear(self) -> None:
+        pass
 
 
 class BoundarySignal(Signal):
+    """A signal that raises when sent before the app's receivers are
+    connected (see receivers_ready()), as it would do nothing."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.sender_receivers_cache = _AnySender()
-
-    def send(self, sender: Any, **named: Any) -> list[tuple[Any, Any]]:
-        if not receivers_connected:
-            _not_ready()
-        return super().send(sender, **named)
+        self.sender_receivers_cache = _NoCache()  # type: ignore[assignment]
+        self.connect(_not_ready, dispatch_uid=_NOT_READY)
 
 
 class _TaskStarted(BoundarySignal):
@@ -71,7 +69,7 @@ class _TaskStarted(BoundarySignal):
         # the runner never sees that unit, nor sends its task_finished.
         before = units.current.get()
         try:
-            return super().send(sender, **named)
+            return Signal.send(self, sender, **named)
         except BaseException:
             started = units.current.get()
             if started is not before and started is not None:
@@ -80,7 +78,22 @@ class _TaskStarted(BoundarySignal):
             raise
 
 
-def _not_ready() -> None:
+def receivers_ready() -> None:
+    """Called by the app's ready() once its receivers are connected."""
+    for signal in (
+        task_started,
+        task_finished,
+        worker_process_started,
+        worker_stopping,
+    ):
+        signal.disconnect(dispatch_uid=_NOT_READY)
+
+
+# The first receiver of each boundary signal until the app's are connected.
+_NOT_READY = "django_task_db.not_ready"
+
+
+def _not_ready(**kwargs: Any) -> NoReturn:
     from django.apps import apps
 
     if apps.ready and not apps.is_installed("django_task_db"):

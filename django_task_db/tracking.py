@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from weakref import WeakKeyDictionary, WeakSet
+from weakref import WeakSet
 
 from django.db import Error as DatabaseError
 from django.db import connections
@@ -31,10 +31,10 @@ logger = logging.getLogger("django_task_db")
 
 _local = threading.local()
 
-# The cursors of chunked reads (QuerySet.iterator()) not closed yet, by
-# connection. Weak both ways: a cursor nobody refers to any more reads
-# nothing.
-_reads: WeakKeyDictionary[BaseDatabaseWrapper, WeakSet[Any]] = WeakKeyDictionary()
+# The attribute of a connection that holds the cursors of its chunked reads
+# (QuerySet.iterator()) not closed yet, weakly: a cursor nobody refers to
+# any more reads nothing.
+_READS = "_django_task_db_reads"
 
 
 class _Opened(dict[str, "BaseDatabaseWrapper"]):
@@ -77,7 +77,7 @@ def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     except AttributeError:
         opened = _local.opened = _Opened()
     opened[connection.alias] = connection
-    _reads.pop(connection, None)  # a new driver connection reads nothing yet
+    vars(connection).pop(_READS, None)  # a new driver connection reads nothing
     forks.remember(connection)
     if "chunked_cursor" not in connection.__dict__:
         _watch_chunked_reads(connection)
@@ -91,17 +91,19 @@ def track_open_connections() -> None:
             track(connection=connection)
 
 
-def open_connections() -> list[BaseDatabaseWrapper]:
+def open_connections() -> tuple[BaseDatabaseWrapper, ...]:
     """This thread's open connections."""
-    opened: _Opened | None = getattr(_local, "opened", None)
+    # Not getattr(): an attribute that is missing costs an exception.
+    opened: _Opened | None = _local.__dict__.get("opened")
     if not opened:
-        return []
-    found = []
-    for alias, connection in list(opened.items()):
+        return ()
+    found = tuple(opened.values())
+    for connection in found:
         if connection.connection is None:
-            del opened[alias]  # connection_created adds it again if it reopens
-        else:
-            found.append(connection)
+            # connection_created adds them again if they reopen.
+            for alias in [a for a, c in opened.items() if c.connection is None]:
+                del opened[alias]
+            return tuple(opened.values())
     return found
 
 
@@ -114,6 +116,8 @@ def in_greenlet() -> bool:
     """Whether this code runs in a greenlet that will end (not the main
     one) with threading monkey-patched by gevent or eventlet: Django's
     connections are then that greenlet's own."""
+    if "gevent.monkey" not in sys.modules and "eventlet.patcher" not in sys.modules:
+        return False
     monkey = sys.modules.get("gevent.monkey")
     patched = monkey is not None and monkey.is_module_patched("threading")
     if not patched:
@@ -135,7 +139,7 @@ def caller_holds(connection: BaseDatabaseWrapper) -> str | None:
         return ATOMIC
     if not connection.autocommit and connection.settings_dict["AUTOCOMMIT"]:
         return TRANSACTION
-    if _reads.get(connection):
+    if vars(connection).get(_READS):
         return READ
     return None
 
@@ -151,7 +155,9 @@ def _watch_chunked_reads(connection: BaseDatabaseWrapper) -> None:
         connection = owner()
         assert connection is not None  # it is calling this
         cursor: Any = chunked_cursor(connection)
-        reads = _reads.setdefault(connection, WeakSet())
+        reads = vars(connection).get(_READS)
+        if reads is None:
+            reads = vars(connection)[_READS] = WeakSet()
         reads.add(cursor)
         cursor.close = functools.partial(
             _close_read, reads, weakref.ref(cursor), cursor.close
@@ -176,14 +182,18 @@ def _watch_idle_time(connection: BaseDatabaseWrapper) -> None:
         connection = owner()
         assert connection is not None  # it is calling this
         raw = connection.connection
+        now = time.monotonic()
         if (
             raw is not None
             and raw is last_use[1]()
-            and _idle_too_long(time.monotonic() - last_use[0])
+            and now - last_use[0] > conf.idle_limit()
         ):
             _check(connection)
         ensure_connection(connection)
-        last_use[:] = time.monotonic(), _weak(connection.connection)
+        if connection.connection is raw:
+            last_use[0] = now
+        else:
+            last_use[:] = time.monotonic(), _weak(connection.connection)
 
     connection.ensure_connection = watched_ensure_connection  # type: ignore[method-assign]
 
@@ -197,14 +207,6 @@ def _weak(raw: Any) -> Callable[[], Any]:
         return weakref.ref(raw)
     except TypeError:  # sqlite3: no server to lose, nothing to check
         return _no_connection
-
-
-def _idle_too_long(idle: float) -> bool:
-    try:
-        threshold = conf.get("HEALTH_CHECK_IDLE")
-        return bool(threshold) and idle > threshold and conf.get("HEALTH_CHECKS")
-    except conf.SettingError:  # raised at the next boundary and by the checks
-        return False
 
 
 def _check(connection: BaseDatabaseWrapper) -> None:

@@ -40,41 +40,30 @@ class Unit:
     connections it manages (set when it starts there), ``task`` the asyncio
     task that runs it (None for synchronous code)."""
 
-    __slots__ = (
-        "thread",
-        "task",
-        "active",
-        "started_by_signal",
-        "users",
-        "scopes",
-        "sender",
-        "strategy",
-        "failed",
-        "outer_open",
-        "__weakref__",
-    )
+    # Class attributes are the defaults: a unit sets only what differs
+    # (a boundary creates one, and each attribute set costs).
+    active = True
+    # Sent by a runner's own task_started, not by task_scope.
+    started_by_signal = False
+    # The units of the thread it started in (see ThreadUnits).
+    users: ThreadUnits | None = None
+    # For a unit of task_scope: how many of its scopes (its own and the
+    # inner ones) are still open, and what its task_finished will say. It
+    # ends when the last one closes, in whatever order they close
+    # (generators).
+    scopes = 0
+    sender: Any = None
+    strategy: Any = None
+    failed = False
+    outer_open = True
 
     def __init__(self, task: asyncio.Task[Any] | None, thread: int | None = None):
         self.thread = thread
         self.task = task
-        self.active = True
-        # Sent by a runner's own task_started, not by task_scope.
-        self.started_by_signal = False
-        # The units of the thread it started in (see ThreadUnits).
-        self.users: ThreadUnits | None = None
-        # For a unit of task_scope: how many of its scopes (its own and the
-        # inner ones) are still open, and what its task_finished will say.
-        # It ends when the last one closes, in whatever order they close
-        # (generators).
-        self.scopes = 0
-        self.sender: Any = None
-        self.strategy: Any = None
-        self.failed = False
-        self.outer_open = True
 
     def end(self) -> None:
         """End the unit wherever it runs; ending it again does nothing."""
-        if self.users is not None:
+        if self.active and self.users is not None:
             self.users.remove(self)
         self.active = False
 
@@ -95,7 +84,7 @@ class ThreadUnits:
     them found there. Weak, so a unit that never ended because its scope was
     lost (a coroutine destroyed mid-unit) does not hold the thread."""
 
-    __slots__ = ("_units", "by_signal", "ended", "kept")
+    __slots__ = ("_units", "by_signal", "ended", "kept", "handed_over")
 
     def __init__(self) -> None:
         self._units: list[weakref.ref[Unit]] = []
@@ -108,6 +97,10 @@ class ThreadUnits:
         self.ended: list[tuple[Any, Any, bool]] = []
         # Aliases the caller was using when the first unit started.
         self.kept: set[str] = set()
+        # The unit task_scope is starting or finishing here, for the app's
+        # receivers of task_started and task_finished, which run in the
+        # thread of the connections (for an async scope, in sync_to_async's).
+        self.handed_over: Unit | None = None
 
     def running(self) -> list[Unit]:
         units = [unit for ref in self._units if (unit := ref()) is not None]
@@ -117,7 +110,7 @@ class ThreadUnits:
 
     def add(self, unit: Unit) -> bool:
         """Register ``unit``; return whether it is the only one running."""
-        alone = not self.running()
+        alone = not self._units or not self.running()
         self._units.append(weakref.ref(unit))
         unit.users = self
         return alone
@@ -127,7 +120,11 @@ class ThreadUnits:
         unit.active = False
         if self.by_signal is unit:
             self.by_signal = None
-        self._units = [ref for ref in self._units if ref() not in (unit, None)]
+        refs = self._units
+        if len(refs) == 1 and refs[0]() is unit:
+            self._units = []
+        else:
+            self._units = [ref for ref in refs if ref() not in (unit, None)]
         return not self._units
 
 
@@ -136,24 +133,16 @@ _local = threading.local()
 
 def here() -> ThreadUnits:
     """The units of this thread (of this greenlet, under gevent)."""
-    try:
-        return _local.units  # type: ignore[no-any-return]
-    except AttributeError:
-        _local.units = ThreadUnits()
-        return _local.units  # type: ignore[no-any-return]
+    users: ThreadUnits | None = _local.__dict__.get("units")
+    if users is None:
+        users = _local.units = ThreadUnits()
+    return users
 
 
 # The unit whose body runs in this context: set by task_scope and by a
 # runner's task_started, and copied with the context, hence the checks of
 # Unit.encloses_*.
 current: ContextVar[Unit | None] = ContextVar("django_task_db_unit", default=None)
-
-# The unit task_scope is starting or finishing, for the app's receivers of
-# task_started and task_finished, which run in the thread of the
-# connections (for an async scope, in sync_to_async's thread).
-handed_over: ContextVar[Unit | None] = ContextVar(
-    "django_task_db_handed_over", default=None
-)
 
 
 def in_unit() -> bool:

@@ -353,18 +353,18 @@ def test_dotted_path_cache_dropped_when_task_db_changes(settings, monkeypatch):
 
     path = "tests.test_checks.swapped_strategy"
     settings.TASK_DB = {"STRATEGY": path}
-    first = conf.strategies_for()[0]
+    first = conf.boundary().strategy
     assert first is swapped_strategy
 
     def replacement(connection, phase):
         pass
 
     monkeypatch.setattr(module, "swapped_strategy", replacement)
-    assert conf.strategies_for()[0] is first  # cached
+    assert conf.boundary().strategy is first  # cached
     settings.UNRELATED_SETTING = True  # another setting: the cache stays
-    assert conf.strategies_for()[0] is first
+    assert conf.boundary().strategy is first
     settings.TASK_DB = {"STRATEGY": path, "CLOSE_CACHES": True}
-    assert conf.strategies_for()[0] is replacement
+    assert conf.boundary().strategy is replacement
 
 
 def test_dotted_path_cache_dropped_by_override_settings(monkeypatch):
@@ -373,11 +373,11 @@ def test_dotted_path_cache_dropped_by_override_settings(monkeypatch):
 
     path = "tests.test_checks.swapped_strategy"
     with override_settings(TASK_DB={"STRATEGY": path}):
-        assert conf.strategies_for()[0] is swapped_strategy
+        assert conf.boundary().strategy is swapped_strategy
 
     def replacement(connection, phase):
         pass
 
     monkeypatch.setattr(module, "swapped_strategy", replacement)
     with override_settings(TASK_DB={"STRATEGY": path}):
-        assert conf.strategies_for()[0] is replacement
+        assert conf.boundary().strategy is replacement

@@ -267,3 +267,49 @@ def test_close_failure_is_swallowed_per_alias(
     assert ("postgres", "close_all") in closed
     assert postgres.wait_for_count(0) == 0
     assert "connection already closed" in caplog.text
+
+
+def _prepare(connection, state: str, server) -> None:
+    """Put an open connection in ``state`` before a strategy looks at it."""
+    if state == "errors, usable":
+        connection.errors_occurred = True
+    elif state == "errors, killed":
+        connection.errors_occurred = True
+        server.kill(server.session_id())
+    elif state == "max age over":
+        connection.close_at = 0.0  # time.monotonic() is past it
+    elif state == "autocommit off":
+        connection.set_autocommit(False)
+
+
+@pytest.mark.parametrize(
+    "state",
+    ["fresh", "errors, usable", "errors, killed", "max age over", "autocommit off"],
+)
+def test_close_old_decides_as_django_does(direct_server, state):
+    """close_old (which skips Django's work when there is nothing to close)
+    leaves a connection as close_if_unusable_or_obsolete() leaves it."""
+    from django_task_db import strategies
+
+    connection = connections[direct_server.alias]
+    outcomes = []
+    for close in (connection.close_if_unusable_or_obsolete, strategies.close_old):
+        connection.close()
+        direct_server.session_id()  # opens it
+        connection.health_check_done = True
+        _prepare(connection, state, direct_server)
+        if close is strategies.close_old:
+            close(connection, "finish")
+        else:
+            close()
+        outcomes.append(
+            (
+                connection.connection is None,
+                connection.errors_occurred,
+                connection.health_check_done,
+            )
+        )
+    connection.close()
+    assert outcomes[0] == outcomes[1]
+    closed = state not in ("fresh", "errors, usable")
+    assert outcomes[1][0] is closed
