@@ -24,7 +24,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     errors: list[CheckMessage] = []
     for key in value:
         if key not in conf.DEFAULTS:
-            guess = get_close_matches(str(key), conf.DEFAULTS, n=1)
+            guess = get_close_matches(str(key).upper(), conf.DEFAULTS, n=1)
             errors.append(
                 Error(
                     f"TASK_DB has an unknown key {key!r}"

@@ -80,6 +80,17 @@ def test_e002_unknown_key_with_suggestion():
     assert error.hint == "Allowed keys: " + ", ".join(conf.DEFAULTS) + "."
 
 
+@pytest.mark.parametrize(
+    ("key", "guess"), [("strategy", "STRATEGY"), ("Close_Caches", "CLOSE_CACHES")]
+)
+def test_e002_key_in_the_wrong_case_gets_the_right_one(key, guess):
+    """Keys are upper case, like Django's settings: a key in another case is
+    E002 naming the key it should be."""
+    error = one(run_checks({key: "keep"}))
+    assert error.id == "django_task_db.E002"
+    assert f"did you mean {guess!r}?" in error.msg
+
+
 def test_e002_unknown_key_without_suggestion():
     """A key resembling nothing is E002 without a guess, one error per key."""
     errors = run_checks({"ZZZ": 1, "QQQ": 2})

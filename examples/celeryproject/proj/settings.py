@@ -25,6 +25,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = os.environ.get("SECRET_KEY", "only-for-the-example")
 DEBUG = False
 USE_TZ = True
+TIME_ZONE = "UTC"  # log times in UTC, like the servers' logs
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [
