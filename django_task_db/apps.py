@@ -37,12 +37,8 @@ class TaskDbConfig(AppConfig):
 
 
 def connect_receivers() -> None:
-    signals.task_started.connect(
-        _on_task_started, dispatch_uid="django_task_db.started"
-    )
-    signals.task_finished.connect(
-        _on_task_finished, dispatch_uid="django_task_db.finished"
-    )
+    signals.task_started.connect(_on_task_started, dispatch_uid=signals.STARTED_UID)
+    signals.task_finished.connect(_on_task_finished, dispatch_uid=signals.FINISHED_UID)
     signals.worker_process_started.connect(
         _on_worker_process_started, dispatch_uid="django_task_db.worker_process_started"
     )

@@ -16,7 +16,13 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from django_task_db import boundaries, units
 from django_task_db.conf import StrategySpec
 from django_task_db.faults import is_disconnect
-from django_task_db.signals import task_finished, task_started
+from django_task_db.signals import (
+    FINISHED_UID,
+    STARTED_UID,
+    only_app_receiver,
+    task_finished,
+    task_started,
+)
 from django_task_db.units import Unit
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -243,7 +249,10 @@ def _start(unit: Unit) -> None:
     users = units.here()
     previous, users.handed_over = users.handed_over, unit
     try:
-        task_started.send(unit.sender, strategy=unit.strategy)
+        if only_app_receiver(task_started, STARTED_UID):
+            boundaries.start_unit(unit.strategy, unit)
+        else:
+            task_started.send(unit.sender, strategy=unit.strategy)
     except BaseException:
         unit.end()
         raise
@@ -257,7 +266,10 @@ def _finish(unit: Unit) -> None:
     users = units.here()
     previous, users.handed_over = users.handed_over, unit
     try:
-        task_finished.send(unit.sender, failed=unit.failed, strategy=unit.strategy)
+        if only_app_receiver(task_finished, FINISHED_UID):
+            boundaries.finish_unit(unit.failed, unit.strategy, unit)
+        else:
+            task_finished.send(unit.sender, failed=unit.failed, strategy=unit.strategy)
     except BaseException:
         if unit.active:  # the app's receiver did not get to run
             try:

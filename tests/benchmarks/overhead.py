@@ -7,6 +7,8 @@ nothing to close:
 - ``close_old`` and ``keep`` find the connection open, and leave it open;
 - ``close_all`` finds it closed (an initialized wrapper whose connection is
   None), so the connect cost is left out: nothing is connected nor closed;
+- ``task_scope`` is ``with task_scope(): pass`` with the default settings
+  (close_old), the connection open;
 - the floor is two sends (one per phase) of a bare ``django.dispatch.Signal``
   with one no-op receiver;
 - Celery's fixup is ``DjangoWorkerFixup.on_task_prerun`` + ``on_task_postrun``
@@ -31,7 +33,7 @@ from django.db import connections
 from django.dispatch import Signal
 from django.test import override_settings
 
-from django_task_db import signals
+from django_task_db import signals, task_scope
 from tests.benchmarks.stats import (
     interleave,
     ratios,
@@ -43,6 +45,7 @@ from tests.benchmarks.stats import (
 
 STRATEGIES = ("close_old", "close_all", "keep")
 REFERENCES = ("floor", "celery_fixup")
+MEASURED = (*REFERENCES, *STRATEGIES, "task_scope")
 ALIAS_COUNTS = (1, 5)
 LABELS = {
     "floor": "floor: 2 x Signal.send, no-op receiver",
@@ -50,8 +53,9 @@ LABELS = {
     "close_old": "close_old (connection open)",
     "close_all": "close_all (connection closed)",
     "keep": "keep (connection open)",
+    "task_scope": "with task_scope(): pass (close_old, open)",
 }
-CONNECTION_OPEN = {"close_old": True, "keep": True}
+CONNECTION_OPEN = {"close_old": True, "keep": True, "task_scope": True}
 WARMUP = 200
 
 
@@ -122,8 +126,17 @@ def _package() -> Callable[[], None]:
     return boundary
 
 
+def _scope() -> Callable[[], None]:
+    def boundary() -> None:
+        with task_scope():
+            pass
+
+    return boundary
+
+
 def _boundary(name: str) -> Callable[[], None]:
-    return {"floor": _floor, "celery_fixup": _celery_fixup}.get(name, _package)()
+    makers = {"floor": _floor, "celery_fixup": _celery_fixup, "task_scope": _scope}
+    return makers.get(name, _package)()
 
 
 def _measure(variant: Variant, batch: int) -> float:
@@ -194,11 +207,7 @@ def _in_new_thread(func: Callable[[], Any]) -> Any:
 
 
 def run(batch: int, repeat: int) -> dict[str, Any]:
-    variants = [
-        Variant(name, count)
-        for count in ALIAS_COUNTS
-        for name in (*REFERENCES, *STRATEGIES)
-    ]
+    variants = [Variant(name, count) for count in ALIAS_COUNTS for name in MEASURED]
     measured = _in_new_thread(
         lambda: interleave(variants, repeat, lambda v: _measure(v, batch), "overhead")
     )
@@ -218,7 +227,7 @@ def run(batch: int, repeat: int) -> dict[str, Any]:
         values = measured[variant]
         results["vs_floor"][variant.key] = ratios(values, floor).to_json()
         results["vs_celery_fixup"][variant.key] = ratios(values, fixup).to_json()
-    for name in (*REFERENCES, *STRATEGIES):
+    for name in MEASURED:
         many = measured[Variant(name, max(ALIAS_COUNTS))]
         one = measured[Variant(name, min(ALIAS_COUNTS))]
         results["growth_5_vs_1_aliases"][name] = ratios(many, one).to_json()
@@ -232,7 +241,7 @@ def _fmt(figure: dict[str, Any], digits: int) -> str:
 def render(results: dict[str, Any]) -> str:
     rows = []
     for count in ALIAS_COUNTS:
-        for name in (*REFERENCES, *STRATEGIES):
+        for name in MEASURED:
             key = Variant(name, count).key
             rows.append(
                 [
@@ -245,7 +254,7 @@ def render(results: dict[str, Any]) -> str:
             )
     growth = [
         [LABELS[name], _fmt(results["growth_5_vs_1_aliases"][name], 2)]
-        for name in (*REFERENCES, *STRATEGIES)
+        for name in MEASURED
     ]
     return section(
         "1. Boundary overhead: one task_started + task_finished pair",
