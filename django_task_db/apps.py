@@ -8,7 +8,7 @@ from django.apps import AppConfig
 from django.core.signals import setting_changed
 from django.db.backends.signals import connection_created
 
-from django_task_db import boundaries, conf, forks, signals, tracking, units
+from django_task_db import boundaries, conf, forks, signals, tracking
 
 _fork_hook_registered = False
 
@@ -61,13 +61,13 @@ def register_fork_hook() -> None:
 
 
 def _on_task_started(strategy: conf.StrategySpec | None = None, **kwargs: Any) -> None:
-    boundaries.start_unit(strategy, units.here().handed_over)
+    boundaries.start_unit(strategy)
 
 
 def _on_task_finished(
     failed: bool = False, strategy: conf.StrategySpec | None = None, **kwargs: Any
 ) -> None:
-    boundaries.finish_unit(bool(failed), strategy, units.here().handed_over)
+    boundaries.finish_unit(bool(failed), strategy)
 
 
 def _on_worker_process_started(**kwargs: Any) -> None:

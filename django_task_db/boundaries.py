@@ -29,11 +29,14 @@ logger = logging.getLogger("django_task_db")
 def start_unit(
     strategy: conf.StrategySpec | None = None, unit: units.Unit | None = None
 ) -> units.Unit:
-    """Start ``unit`` (None: a runner's own task_started) in this thread and
-    prepare its open connections, unless another unit is using them."""
+    """Start ``unit`` (None: the one task_scope hands over, if any, else a
+    runner's own task_started) in this thread and prepare its open
+    connections, unless another unit is using them."""
     config = conf.boundary()
     default, per_alias = conf.strategies_for(strategy, config)
     users = units.here()
+    if unit is None:
+        unit = users.handed_over
     if unit is None:
         unit = units.Unit(units.current_task())
         unit.started_by_signal = True
@@ -78,9 +81,12 @@ def finish_unit(
     strategy: conf.StrategySpec | None = None,
     unit: units.Unit | None = None,
 ) -> None:
-    """End ``unit`` (None: the runner's unit of this thread) and clean up
-    this thread's open connections, if no other unit is using them."""
+    """End ``unit`` (None: the one task_scope hands over, if any, else the
+    runner's unit of this thread) and clean up this thread's open
+    connections, if no other unit is using them."""
     users = units.here()
+    if unit is None:
+        unit = users.handed_over
     if unit is None:
         # It stays units.current, ended: no code is inside it any more.
         unit = users.by_signal
@@ -117,8 +123,12 @@ def finish_unit(
         if connection.connection is None:  # another alias's strategy closed it
             continue
         chosen: list[conf.Strategy]
-        if close_on_failure or _still_running(connection):
+        if close_on_failure or (
+            connection.vendor == "postgresql" and _still_running(connection)
+        ):
             chosen, reason = [_close_after_failure], "failure"
+        elif len(ended) == 1:
+            chosen, reason = [ended[0][1].get(connection.alias, ended[0][0])], None
         else:
             chosen, reason = _strategies_of(connection.alias, ended), None
         held = tracking.caller_holds(connection)
@@ -143,9 +153,6 @@ def _strategies_of(
     alias: str, ended: list[tuple[conf.Strategy, dict[str, conf.Strategy]]]
 ) -> list[conf.Strategy]:
     """The finish strategies of the units that ended, for ``alias``, each once."""
-    if len(ended) == 1:
-        default, per_alias = ended[0]
-        return [per_alias.get(alias, default)]
     chosen: list[conf.Strategy] = []
     for default, per_alias in ended:
         strategy = per_alias.get(alias, default)
