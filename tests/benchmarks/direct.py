@@ -1,7 +1,8 @@
 """Part 3: the same one-query unit, without a broker, through task_scope.
 
 N units run in a loop (one thread) and in a pool of 8 threads sharing them,
-under each strategy, against the unit alone ("no scope", the reference).
+under each strategy, against the unit alone ("no scope", the reference) and
+the peers' styles (close_old_connections() around the unit, or after it).
 Every run starts in fresh threads, with no connection open, and each thread
 closes its connections after its last unit, outside the timing. Django's pool
 (alias "pgpool") is opened before the timing, with its min_size connections,
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import connections
+from django.db import close_old_connections, connections
 from django.db.backends.signals import connection_created
 from django.test import override_settings
 
@@ -39,9 +40,15 @@ from tests.benchmarks.stats import (
     table,
 )
 
-VARIANTS = ("none", "close_old", "close_old_idle_0", "close_all", "keep")
+# The peers' styles, on the same unit: close_old_connections() before and
+# after (django_dramatiq's middleware, channels' database_sync_to_async),
+# and after only.
+PEERS = ("peer_before_after", "peer_after")
+VARIANTS = ("none", *PEERS, "close_old", "close_old_idle_0", "close_all", "keep")
 LABELS = {
     "none": "no scope",
+    "peer_before_after": "close_old_connections() before and after",
+    "peer_after": "close_old_connections() after only",
     "close_old": "task_scope, close_old",
     "close_old_idle_0": "task_scope, close_old, HEALTH_CHECK_IDLE 0",
     "close_all": "task_scope, close_all",
@@ -60,7 +67,7 @@ class Sample:
     server_delta: int | None
 
 
-def _unit(backend: Backend, scoped: bool, seen: set[Any]) -> Callable[[], None]:
+def _unit(backend: Backend, variant: str, seen: set[Any]) -> Callable[[], None]:
     alias, sql = backend.alias, UNIT_SQL[backend.vendor]
 
     def query() -> None:
@@ -68,8 +75,27 @@ def _unit(backend: Backend, scoped: bool, seen: set[Any]) -> Callable[[], None]:
             cursor.execute(sql)
             seen.add(cursor.fetchone()[0])
 
-    if not scoped:
+    if variant == "none":
         return query
+    if variant == "peer_before_after":
+
+        def before_and_after() -> None:
+            close_old_connections()
+            try:
+                query()
+            finally:
+                close_old_connections()
+
+        return before_and_after
+    if variant == "peer_after":
+
+        def after() -> None:
+            try:
+                query()
+            finally:
+                close_old_connections()
+
+        return after
 
     def unit() -> None:
         with task_scope():
@@ -125,9 +151,9 @@ def _run(
     task_db: dict[str, Any] = {}
     if variant == "close_old_idle_0":
         task_db = {"STRATEGY": "close_old", "HEALTH_CHECK_IDLE": 0}
-    elif variant != "none":
+    elif variant not in ("none", *PEERS):
         task_db = {"STRATEGY": variant}
-    unit = _unit(backend, variant != "none", seen)
+    unit = _unit(backend, variant, seen)
     before = counter.read() if counter else None
     pool = getattr(connections[backend.alias], "pool", None)
     if pool is not None:
