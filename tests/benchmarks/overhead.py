@@ -15,7 +15,7 @@ nothing to close:
   called on the same connection, closed as for ``close_all``: the fixup
   closes it at its first boundary, and reopening it is connect cost.
 
-Each variant runs with 1 and with 5 aliases configured (1 initialized): the
+Each variant runs with 1, 5 and 500 aliases configured (1 initialized): the
 cost must not grow with aliases that are never used.
 """
 
@@ -46,7 +46,7 @@ from tests.benchmarks.stats import (
 STRATEGIES = ("close_old", "close_all", "keep")
 REFERENCES = ("floor", "celery_fixup")
 MEASURED = (*REFERENCES, *STRATEGIES, "task_scope")
-ALIAS_COUNTS = (1, 5)
+ALIAS_COUNTS = (1, 5, 500)
 LABELS = {
     "floor": "floor: 2 x Signal.send, no-op receiver",
     "celery_fixup": "Celery's DjangoWorkerFixup prerun+postrun",
@@ -219,7 +219,7 @@ def run(batch: int, repeat: int) -> dict[str, Any]:
         "ns": {key: stats(values).to_json() for key, values in by_key.items()},
         "vs_floor": {},
         "vs_celery_fixup": {},
-        "growth_5_vs_1_aliases": {},
+        "growth_vs_1_alias": {},
     }
     for variant in variants:
         floor = measured[Variant("floor", variant.aliases)]
@@ -227,10 +227,11 @@ def run(batch: int, repeat: int) -> dict[str, Any]:
         values = measured[variant]
         results["vs_floor"][variant.key] = ratios(values, floor).to_json()
         results["vs_celery_fixup"][variant.key] = ratios(values, fixup).to_json()
-    for name in MEASURED:
-        many = measured[Variant(name, max(ALIAS_COUNTS))]
-        one = measured[Variant(name, min(ALIAS_COUNTS))]
-        results["growth_5_vs_1_aliases"][name] = ratios(many, one).to_json()
+    for count in ALIAS_COUNTS[1:]:
+        for name in MEASURED:
+            many, one = measured[Variant(name, count)], measured[Variant(name, 1)]
+            growth = ratios(many, one).to_json()
+            results["growth_vs_1_alias"][Variant(name, count).key] = growth
     return results
 
 
@@ -253,7 +254,13 @@ def render(results: dict[str, Any]) -> str:
                 ]
             )
     growth = [
-        [LABELS[name], _fmt(results["growth_5_vs_1_aliases"][name], 2)]
+        [
+            LABELS[name],
+            *(
+                _fmt(results["growth_vs_1_alias"][Variant(name, count).key], 2)
+                for count in ALIAS_COUNTS[1:]
+            ),
+        ]
         for name in MEASURED
     ]
     return section(
@@ -269,9 +276,15 @@ def render(results: dict[str, Any]) -> str:
                 rows,
             ),
             "",
-            "Growth with unused aliases: ns with 5 configured / ns with 1 "
+            "Growth with unused aliases: ns with N configured / ns with 1 "
             "(1 initialized):",
             "",
-            table(["variant", "5 aliases / 1 alias"], growth),
+            table(
+                [
+                    "variant",
+                    *(f"{count} aliases / 1 alias" for count in ALIAS_COUNTS[1:]),
+                ],
+                growth,
+            ),
         ],
     )
