@@ -123,12 +123,8 @@ def finish_unit(
         if connection.connection is None:  # another alias's strategy closed it
             continue
         chosen: list[conf.Strategy]
-        if close_on_failure or (
-            connection.vendor == "postgresql" and _still_running(connection)
-        ):
+        if close_on_failure or _still_running(connection):
             chosen, reason = [_close_after_failure], "failure"
-        elif len(ended) == 1:
-            chosen, reason = [ended[0][1].get(connection.alias, ended[0][0])], None
         else:
             chosen, reason = _strategies_of(connection.alias, ended), None
         held = tracking.caller_holds(connection)
@@ -153,6 +149,9 @@ def _strategies_of(
     alias: str, ended: list[tuple[conf.Strategy, dict[str, conf.Strategy]]]
 ) -> list[conf.Strategy]:
     """The finish strategies of the units that ended, for ``alias``, each once."""
+    if len(ended) == 1:  # the usual case, and a boundary's hot path
+        default, per_alias = ended[0]
+        return [per_alias.get(alias, default)]
     chosen: list[conf.Strategy] = []
     for default, per_alias in ended:
         strategy = per_alias.get(alias, default)
