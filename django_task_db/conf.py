@@ -59,7 +59,8 @@ _DOTTED_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _CREDENTIALS = re.compile(r"(?<=://)([^:/@\s]*):[^@\s]*@")
 
 
-def _masked(text: str) -> str:
+def masked(text: str) -> str:
+    """``text`` without the passwords of the URLs in it."""
     return _CREDENTIALS.sub(r"\1:***@", text)
 
 
@@ -75,7 +76,7 @@ def shown(value: object) -> str:
     ):
         return f"a {type(value).__name__} of {len(value)} items"
     text = repr(value)
-    return _masked(text if len(text) <= 200 else text[:200] + "...")
+    return masked(text if len(text) <= 200 else text[:200] + "...")
 
 
 class SettingError(ImproperlyConfigured):
@@ -221,7 +222,7 @@ def _load_string(spec: str, where: str) -> Strategy:
     strategy, error = _import(spec)
     if isinstance(error, ImportError):
         raise SettingError(
-            f"{where} is {shown(spec)}, which does not import ({_masked(str(error))}); "
+            f"{where} is {shown(spec)}, which does not import ({masked(str(error))}); "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",
             hint,
@@ -229,7 +230,7 @@ def _load_string(spec: str, where: str) -> Strategy:
     if error is not None:
         raise SettingError(
             f"{where} is {shown(spec)}, whose module raised "
-            f"{type(error).__name__}: {_masked(str(error))} when imported; "
+            f"{type(error).__name__}: {masked(str(error))} when imported; "
             f"allowed: {ALLOWED_STRATEGIES}.",
             "django_task_db.E006",
             hint,

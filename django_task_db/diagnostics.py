@@ -1,0 +1,408 @@
+"""What each database alias is, what its server says, and whether a
+deployment's connections fit in it.
+
+The logic of ``manage.py taskdb_status`` and of the database system checks:
+:func:`status` reports on aliases, :func:`read_server` reads one server's
+settings and connection counts. Nothing here shows a password or any
+``OPTIONS`` value: errors are reported by their class and the driver's
+message, with both removed from it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from django.conf import settings
+from django.db import connections
+
+from django_task_db import conf
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.backends.utils import CursorWrapper
+
+# psycopg_pool's defaults (ConnectionPool), which Django's pool keeps unless
+# OPTIONS["pool"] sets them.
+POOL_MIN_SIZE = 4
+POOL_MAX_IDLE = 600.0
+
+# "tight" above this share of the connections the server allows: the rest
+# is for the other clients (web servers, cron jobs, consoles) and for
+# connections being replaced.
+TIGHT = 0.8
+
+Verdict = Literal["fits", "tight", "does not fit"]
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server's settings as the alias's own session sees them, and the
+    client sessions it holds now. Times in seconds, ``None`` for off."""
+
+    version: str
+    idle_timeout_setting: str  # "wait_timeout" or "idle_session_timeout"
+    idle_timeout: float | None
+    max_connections: int
+    # Connections only superusers may use: superuser_reserved_connections
+    # and reserved_connections (PostgreSQL 16+). MySQL keeps its one extra
+    # connection for SUPER beyond max_connections: 0.
+    reserved_connections: int
+    # The most this alias's user may open: MySQL's max_user_connections,
+    # PostgreSQL's CONNECTION LIMIT of the role; None: no limit.
+    user_connection_limit: int | None
+    connections: int  # client sessions, of every user
+    user_connections: int  # of them, this alias's user's
+    # PostgreSQL only (None elsewhere, or when the server lacks it):
+    idle_in_transaction_session_timeout: float | None = None
+    client_connection_check_interval: float | None = None
+
+    @property
+    def allowed(self) -> int:
+        """The connections this alias's user may open in all."""
+        allowed = self.max_connections - self.reserved_connections
+        if self.user_connection_limit is not None:
+            allowed = min(allowed, self.user_connection_limit)
+        return allowed
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Django's PostgreSQL pool of an alias, one per process."""
+
+    min_size: int
+    max_size: int
+    max_idle: float  # seconds an unused pooled connection is kept
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Worker hosts x processes per host x threads per process."""
+
+    hosts: int = 1
+    processes: int = 1
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The connections a deployment needs of one alias, against what its
+    server allows (counts)."""
+
+    per_process: int  # threads, or with a pool what the pool can hold
+    needed: int  # this alias: hosts x processes x per_process
+    server_needed: int  # with the other aliases on the same server
+    allowed: int  # Server.allowed
+    verdict: Verdict
+    advice: str
+
+
+@dataclass(frozen=True)
+class AliasStatus:
+    alias: str
+    vendor: str
+    host: str
+    port: str
+    database: str
+    user: str
+    conn_max_age: float | None  # seconds, None: unlimited
+    conn_health_checks: bool
+    pool: Pool | None
+    strategy: str
+    server: Server | None = None  # None for SQLite, or when unreachable
+    error: str | None = None  # "ErrorClass: message", when unreachable
+    budget: Budget | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def status(
+    aliases: Iterable[str] | None = None, deployment: Deployment | None = None
+) -> list[AliasStatus]:
+    """Report on ``aliases`` (every alias of DATABASES by default), with the
+    connection budget of ``deployment`` when given. An alias whose server
+    cannot be reached has ``error`` set; the others still report. Leaves no
+    connection open that was not open before."""
+    names = list(settings.DATABASES) if aliases is None else list(aliases)
+    reports = [_report(alias) for alias in names]
+    if deployment is None:
+        return reports
+    # Every alias of DATABASES counts against its server, reported or not:
+    # a worker's threads may use each of them.
+    need = {alias: _per_process(alias, deployment) for alias in settings.DATABASES}
+    return [_with_budget(report, deployment, need) for report in reports]
+
+
+def pool_of(alias: str) -> Pool | None:
+    """The pool an alias's OPTIONS configure, or None."""
+    database = database_settings(alias)
+    options = database.get("OPTIONS") or {}
+    if not str(database.get("ENGINE", "")).endswith("postgresql"):
+        return None
+    pool = options.get("pool") if isinstance(options, dict) else None
+    if not pool:
+        return None
+    pool = pool if isinstance(pool, dict) else {}
+    min_size = int(pool.get("min_size", POOL_MIN_SIZE))
+    max_size = pool.get("max_size")
+    return Pool(
+        min_size=min_size,
+        max_size=min_size if max_size is None else int(max_size),
+        max_idle=float(pool.get("max_idle", POOL_MAX_IDLE)),
+    )
+
+
+def database_settings(alias: str) -> dict[str, Any]:
+    """DATABASES[alias]."""
+    databases: dict[str, dict[str, Any]] = settings.DATABASES  # type: ignore[assignment]
+    return databases[alias]
+
+
+def strategy_name(alias: str) -> str:
+    """The strategy TASK_DB gives ``alias``: a built-in name or a dotted path."""
+    spec = conf.get("ALIASES").get(alias, conf.get("STRATEGY"))
+    if isinstance(spec, str):
+        return spec
+    return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', spec)}"
+
+
+def read_server(connection: BaseDatabaseWrapper) -> Server | None:
+    """The server settings and connection counts of ``connection``'s
+    server, read through it (so its session settings, from OPTIONS or the
+    user's defaults, are those seen); None for backends without a server
+    (SQLite) or not known here. Raises the driver's error (a subclass of
+    django.db.Error) when the server cannot be reached. Opens the
+    connection if it is closed, and closes it again."""
+    readers = {"mysql": _read_mysql, "postgresql": _read_postgresql}
+    reader = readers.get(connection.vendor)
+    if reader is None:
+        return None
+    with borrowed(connection) as cursor:
+        return reader(connection, cursor)
+
+
+@contextmanager
+def borrowed(connection: BaseDatabaseWrapper) -> Iterator[CursorWrapper]:
+    """A cursor of ``connection``; the connection is closed afterwards if
+    it was closed before."""
+    was_open = connection.connection is not None
+    pools = getattr(type(connection), "_connection_pools", {})
+    pool_was_open = connection.alias in pools
+    try:
+        with connection.cursor() as cursor:
+            yield cursor
+    finally:
+        if not was_open:
+            connection.close()
+        if not pool_was_open and connection.alias in pools:
+            connection.close_pool()  # type: ignore[attr-defined]
+
+
+def without_secrets(text: str, alias: str) -> str:
+    """``text`` (a driver's error message) without the alias's password and
+    OPTIONS values, nor credentials in a URL."""
+    database = database_settings(alias)
+    secrets = [str(database.get("PASSWORD") or "")]
+    options = database.get("OPTIONS")
+    if isinstance(options, dict):
+        secrets += [str(v) for v in _leaves(options) if len(str(v)) >= 3]
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return conf.masked(text)
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _leaves(item)
+    elif not isinstance(value, bool):
+        yield value
+
+
+def _report(alias: str) -> AliasStatus:
+    database = database_settings(alias)
+    connection = connections[alias]
+    age = database.get("CONN_MAX_AGE", 0)
+    report = AliasStatus(
+        alias=alias,
+        vendor=connection.vendor,
+        host=str(database.get("HOST") or ""),
+        port=str(database.get("PORT") or ""),
+        database=str(database.get("NAME") or ""),
+        user=str(database.get("USER") or ""),
+        conn_max_age=None if age is None else float(age),
+        conn_health_checks=bool(database.get("CONN_HEALTH_CHECKS", False)),
+        pool=pool_of(alias),
+        strategy=strategy_name(alias),
+    )
+    try:
+        server = read_server(connection)
+    except Exception as exc:  # the driver's connect error, whichever it is
+        message = without_secrets(str(exc).strip(), alias)
+        return _replace(report, error=f"{type(exc).__name__}: {message}")
+    return _replace(report, server=server)
+
+
+def _replace(report: AliasStatus, **changes: Any) -> AliasStatus:
+    return AliasStatus(**{**report.__dict__, **changes})
+
+
+def _per_process(alias: str, deployment: Deployment) -> int:
+    pool = pool_of(alias)
+    if pool is None:
+        return deployment.threads  # one connection per thread per alias
+    # The pool keeps min_size open and grows to max_size on demand.
+    return max(pool.min_size, min(deployment.threads, pool.max_size))
+
+
+def _server_key(alias: str) -> tuple[str, str, str]:
+    database = database_settings(alias)
+    return (
+        connections[alias].vendor,
+        str(database.get("HOST") or "localhost"),
+        str(database.get("PORT") or ""),
+    )
+
+
+def _with_budget(
+    report: AliasStatus, deployment: Deployment, per_process: dict[str, int]
+) -> AliasStatus:
+    if report.server is None:
+        return report
+    processes = deployment.hosts * deployment.processes
+    needed = processes * per_process[report.alias]
+    key = _server_key(report.alias)
+    server_needed = processes * sum(
+        n for alias, n in per_process.items() if _server_key(alias) == key
+    )
+    allowed = report.server.allowed
+    verdict: Verdict = (
+        "fits"
+        if server_needed <= TIGHT * allowed
+        else "tight"
+        if server_needed <= allowed
+        else "does not fit"
+    )
+    budget = Budget(
+        per_process=per_process[report.alias],
+        needed=needed,
+        server_needed=server_needed,
+        allowed=allowed,
+        verdict=verdict,
+        advice=_advice(report, deployment, verdict),
+    )
+    return _replace(report, budget=budget)
+
+
+def _advice(report: AliasStatus, deployment: Deployment, verdict: Verdict) -> str:
+    if verdict == "fits":
+        return "nothing to change"
+    processes = deployment.hosts * deployment.processes
+    fit = math.floor(TIGHT * report.server.allowed) // processes  # type: ignore[union-attr]
+    changes = ["fewer processes"]
+    if report.pool is not None:
+        changes.append("a smaller OPTIONS['pool']['max_size']")
+    else:
+        changes.append("fewer threads")
+        if report.vendor == "postgresql":
+            changes.append("Django's pool (OPTIONS['pool'])")
+    if report.vendor == "postgresql":
+        changes.append("PgBouncer in front of the server")
+    changes.append("a higher max_connections")
+    return (
+        f"at most {fit} connections per process fit on this server, for all its "
+        f"aliases together; use {', '.join(changes[:-1])}, or {changes[-1]}"
+    )
+
+
+def _seconds(value: Any, unit: str | None) -> float | None:
+    """A server setting as seconds: None for 0 (off)."""
+    number = float(value)
+    if number <= 0:
+        return None
+    return number / 1000 if unit == "ms" else number
+
+
+def _read_mysql(connection: BaseDatabaseWrapper, cursor: CursorWrapper) -> Server:
+    cursor.execute(
+        "SELECT VERSION(), @@SESSION.wait_timeout, @@GLOBAL.max_connections, "
+        "@@SESSION.max_user_connections"
+    )
+    version, wait_timeout, max_connections, user_limit = cursor.fetchone()
+    cursor.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+    connected = int(cursor.fetchone()[1])
+    # A user without the PROCESS privilege sees its own sessions only:
+    # those are the ones counted here.
+    cursor.execute(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+        "WHERE USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)"
+    )
+    (mine,) = cursor.fetchone()
+    return Server(
+        version=str(version),
+        idle_timeout_setting="wait_timeout",
+        idle_timeout=_seconds(wait_timeout, "s"),
+        max_connections=int(max_connections),
+        reserved_connections=0,
+        user_connection_limit=int(user_limit) or None,
+        connections=connected,
+        user_connections=int(mine),
+    )
+
+
+_POSTGRESQL_SETTINGS = (
+    "idle_session_timeout",
+    "idle_in_transaction_session_timeout",
+    "client_connection_check_interval",
+    "max_connections",
+    "superuser_reserved_connections",
+    "reserved_connections",
+)
+
+
+def _read_postgresql(connection: BaseDatabaseWrapper, cursor: CursorWrapper) -> Server:
+    # pg_settings has the session's values, in their base unit; a setting
+    # this server's version lacks is simply absent.
+    cursor.execute(
+        "SELECT name, setting, unit FROM pg_settings WHERE name = ANY(%s)",
+        [list(_POSTGRESQL_SETTINGS)],
+    )
+    found = {name: (value, unit) for name, value, unit in cursor.fetchall()}
+
+    def seconds(name: str) -> float | None:
+        return _seconds(*found[name]) if name in found else None
+
+    def count(name: str) -> int:
+        return int(found[name][0]) if name in found else 0
+
+    cursor.execute(
+        "SELECT current_setting('server_version'), "
+        "(SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user), "
+        "COUNT(*), COUNT(*) FILTER (WHERE usename = current_user) "
+        "FROM pg_stat_activity WHERE backend_type = 'client backend'"
+    )
+    version, user_limit, connected, mine = cursor.fetchone()
+    return Server(
+        version=str(version),
+        idle_timeout_setting="idle_session_timeout",
+        idle_timeout=seconds("idle_session_timeout"),
+        max_connections=count("max_connections"),
+        reserved_connections=count("superuser_reserved_connections")
+        + count("reserved_connections"),
+        user_connection_limit=None
+        if user_limit is None or user_limit < 0
+        else user_limit,
+        connections=int(connected),
+        user_connections=int(mine),
+        idle_in_transaction_session_timeout=seconds(
+            "idle_in_transaction_session_timeout"
+        ),
+        client_connection_check_interval=seconds("client_connection_check_interval"),
+    )
