@@ -11,6 +11,7 @@ message, with both removed from it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -203,13 +204,17 @@ def borrowed(connection: BaseDatabaseWrapper) -> Iterator[CursorWrapper]:
 
 
 def without_secrets(text: str, alias: str) -> str:
-    """``text`` (a driver's error message) without the alias's password and
-    OPTIONS values, nor credentials in a URL."""
+    """``text`` (a driver's error message) without the alias's password, its
+    OPTIONS text values (of 3 characters or more) and each word of 4 or more
+    in them (a driver may quote part of a value), nor credentials in a URL:
+    each is ``***``."""
     database = database_settings(alias)
-    secrets = [str(database.get("PASSWORD") or "")]
+    secrets = {str(database.get("PASSWORD") or "")}
     options = database.get("OPTIONS")
-    if isinstance(options, dict):
-        secrets += [str(v) for v in _leaves(options) if len(str(v)) >= 3]
+    for value in _leaves(options if isinstance(options, dict) else {}):
+        if isinstance(value, str) and len(value) >= 3:
+            secrets.add(value)
+            secrets.update(re.findall(r"\w{4,}", value))
     for secret in sorted(filter(None, secrets), key=len, reverse=True):
         text = text.replace(secret, "***")
     return conf.masked(text)
@@ -222,7 +227,7 @@ def _leaves(value: Any) -> Iterator[Any]:
     elif isinstance(value, list | tuple):
         for item in value:
             yield from _leaves(item)
-    elif not isinstance(value, bool):
+    else:
         yield value
 
 

@@ -57,6 +57,14 @@ elif ENGINE in SERVER_DEFAULTS:
         "USER": os.environ.get("DATABASE_USER", user),
         "PASSWORD": os.environ.get("DATABASE_PASSWORD", ""),
     }
+    if ENGINE == "postgresql":
+        # What `manage.py check --database default` recommends (W004, W005):
+        # the server ends the query of a killed worker, and the transaction of
+        # a stalled one.
+        default["OPTIONS"] = {
+            "options": "-c client_connection_check_interval=10s "
+            "-c idle_in_transaction_session_timeout=5min"
+        }
 else:
     raise ValueError(f"DATABASE_ENGINE is {ENGINE!r}; use sqlite, mysql or postgresql.")
 # Keep a connection open between tasks for up to this many seconds.
