@@ -1,0 +1,259 @@
+"""Behind a real PgBouncer (Debian's package), in session and in transaction
+pooling mode, in front of the suite's PostgreSQL server.
+
+The truth is read on both sides: the server sessions PgBouncer holds in
+PostgreSQL (pg_stat_activity, by the alias's application_name, which
+PgBouncer hands on to its server connections), and the client connections
+PgBouncer has (its admin console's SHOW CLIENTS).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from django.db import connections, transaction
+from django.db.backends.signals import connection_created
+from psycopg.errors import InvalidCursorName
+
+from django_task_db import task_scope
+from tests.conftest import server_for
+from tests.pgbouncer import DATABASE, PgBouncer, missing
+from tests.private_servers import add_alias, remove_alias
+from tests.servers import Server, idle_past_health_check, local_ports, unavailable
+from tests.test_fork_and_cancel import (
+    Interrupted,
+    interrupt_after,
+    poll,
+    still_running,
+    wait_for_exit,
+)
+from tests.testapp.models import Item
+
+ALIAS = "bouncer"
+MODES = ["transaction", "session"]
+
+
+@pytest.fixture(scope="module")
+def pgbouncers() -> Iterator[dict[str, PgBouncer]]:
+    started: dict[str, PgBouncer] = {}
+    yield started
+    for bouncer in started.values():
+        bouncer.remove()
+
+
+@dataclass
+class Behind:
+    """The alias "bouncer", through a PgBouncer in ``pool_mode``."""
+
+    pgbouncer: PgBouncer
+    postgres: Server
+    application_name: str
+
+    @property
+    def pool_mode(self) -> str:
+        return self.pgbouncer.pool_mode
+
+    def server_sessions(self) -> set[int]:
+        """PgBouncer's sessions on the PostgreSQL server: those whose client
+        end is a socket of the PgBouncer process (application_name is not
+        enough: session mode's DISCARD ALL resets it)."""
+        rows = self.postgres.query(
+            "SELECT pid, client_port FROM pg_stat_activity WHERE client_port > 0"
+        )
+        assert self.pgbouncer.process is not None
+        ports = local_ports(self.pgbouncer.process.pid)
+        return {int(pid) for pid, port in rows if port in ports}
+
+
+@pytest.fixture(params=MODES)
+def behind(request, pgbouncers, settings) -> Iterator[Behind]:
+    reason = missing()
+    if reason is not None:
+        unavailable("PgBouncer", reason)
+    postgres = server_for("postgres")
+    mode = request.param
+    if mode not in pgbouncers:
+        pgbouncers[mode] = PgBouncer(mode)
+        pgbouncers[mode].start()
+    bouncer = pgbouncers[mode]
+    if bouncer.process is None:  # a test stopped it
+        bouncer.start()
+    name = f"{postgres.application_name}_bouncer_{mode}"
+    add_alias(ALIAS, bouncer.database(name))
+    yield Behind(bouncer, postgres, name)
+    remove_alias(ALIAS)
+    # Server connections afresh for the next test.
+    bouncer.admin(f"KILL {DATABASE}")
+    bouncer.admin(f"RESUME {DATABASE}")
+
+
+@pytest.fixture
+def opened() -> Iterator[list[int]]:
+    """The ids of the connections Django opens on the alias, in order."""
+    seen: list[int] = []
+
+    def record(connection: Any, **kwargs: Any) -> None:
+        if connection.alias == ALIAS:
+            seen.append(id(connection.connection))
+
+    connection_created.connect(record, weak=False)
+    yield seen
+    connection_created.disconnect(record)
+
+
+def one_query() -> int:
+    """A unit's one query: the server session that ran it."""
+    with connections[ALIAS].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
+UNITS = 20
+
+
+@pytest.mark.parametrize(
+    "strategy, client_connections",
+    [("close_old", 1), ("keep", 1), ("close_all", UNITS)],
+)
+def test_strategies(behind, settings, opened, strategy, client_connections):
+    """20 one-query units: close_old and keep reuse one client connection,
+    close_all opens one per unit; either way PgBouncer runs them all on one
+    server session, which it keeps after the units."""
+    settings.TASK_DB = {"STRATEGY": strategy}
+    backends = set()
+    for _ in range(UNITS):
+        with task_scope():
+            backends.add(one_query())
+    assert len(opened) == client_connections
+    assert len(backends) == 1
+    assert behind.server_sessions() == backends
+    left = 0 if strategy == "close_all" else 1
+    assert poll(lambda: behind.pgbouncer.clients() == left)
+
+
+def test_health_check_replaces_a_connection_pgbouncer_dropped(behind, closed):
+    """PgBouncer restarted between units (its client connections cut): the
+    next unit's first query runs on a new connection, without an error."""
+    with task_scope():
+        one_query()
+    behind.pgbouncer.restart()
+    idle_past_health_check()
+    with task_scope():
+        one_query()
+    assert (ALIAS, "health_check") in closed
+
+
+def test_server_session_killed_between_units(behind, opened):
+    """A server session that PostgreSQL ends (pg_terminate_backend) while
+    the unit's connection idles: in transaction mode PgBouncer gives the
+    next query another server session and the client connection lives on;
+    in session mode the client connection is lost with it, and the health
+    check replaces it before the next unit's first query."""
+    with task_scope():
+        first = one_query()
+    behind.postgres.kill(first)
+    idle_past_health_check()
+    with task_scope():
+        second = one_query()
+    assert second != first
+    assert len(opened) == (1 if behind.pool_mode == "transaction" else 2)
+
+
+def test_failed_unit_closes_its_client_connection(behind, settings):
+    """CLOSE_ON_FAILURE: the failed unit's client connection is closed (its
+    transaction rolled back, no row left); PgBouncer keeps the server
+    session for the next unit."""
+    settings.TASK_DB = {"STRATEGY": "keep"}
+    with pytest.raises(RuntimeError), task_scope():
+        with transaction.atomic(using=ALIAS):
+            Item.objects.using(ALIAS).create(name="rolled back")
+            raise RuntimeError
+    assert connections[ALIAS].connection is None
+    assert poll(lambda: behind.pgbouncer.clients() == 0)
+    assert not Item.objects.using("postgres").filter(name="rolled back").exists()
+    with task_scope():
+        one_query()
+
+
+def test_running_query_cancelled_at_the_end_of_a_unit(behind, settings):
+    """A unit that caught its query's interruption ends with the query
+    cancelled on the server: the cancel request goes through PgBouncer."""
+    settings.TASK_DB = {"STRATEGY": "keep"}
+    tag = f"bouncer_sleep_{uuid.uuid4().hex[:12]}"
+    pid = None
+    try:
+        with task_scope():
+            pid = one_query()
+            with suppress(Interrupted), interrupt_after(0.3):
+                with connections[ALIAS].cursor() as cursor:
+                    cursor.execute(f"SELECT pg_sleep(30) /* {tag} */")
+                raise AssertionError("pg_sleep was not interrupted")
+        assert poll(lambda: not still_running(behind.postgres, pid, tag))
+        with task_scope():
+            one_query()
+    finally:
+        if pid is not None:
+            behind.postgres.query("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_fork_keeps_the_parents_connection(behind):
+    """A forked child discards the inherited client connection without
+    closing it (PgBouncer sees no goodbye) and opens its own; the parent's
+    goes on working."""
+    with task_scope():
+        one_query()
+    parent = connections[ALIAS].connection
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            with task_scope():
+                one_query()
+            code = 0 if connections[ALIAS].connection is not parent else 2
+        finally:
+            os._exit(code)
+    assert wait_for_exit(pid) == 0
+    with task_scope():
+        one_query()
+    assert connections[ALIAS].connection is parent
+
+
+def test_server_side_cursor_across_transactions(behind, settings):
+    """QuerySet.iterator() with server-side cursors (DISABLE_SERVER_SIDE_CURSORS
+    False) reads its chunks in transactions of their own: in session mode
+    they work; in transaction mode the next chunk may run on a server
+    session that lacks the cursor (what W010 warns about). Two clients
+    interleave to make PgBouncer swap their server sessions."""
+    Item.objects.using("postgres").bulk_create(Item(name=f"row {n}") for n in range(30))
+    remove_alias(ALIAS)
+    add_alias(
+        ALIAS,
+        behind.pgbouncer.database(
+            behind.application_name, DISABLE_SERVER_SIDE_CURSORS=False
+        ),
+    )
+    iterator = Item.objects.using(ALIAS).order_by("pk").iterator(chunk_size=10)
+    with task_scope():
+        next(iterator)
+        # Another client holds the server session the cursor was declared on.
+        other = behind.pgbouncer.connect()
+        try:
+            other.execute("BEGIN")
+            other.execute("SELECT 1")
+            if behind.pool_mode == "session":
+                assert len(list(iterator)) == 29
+            else:
+                # Django's ProgrammingError, then psycopg's own from closing
+                # the cursor, as Django's cursor_iter() does on its way out.
+                with pytest.raises(
+                    InvalidCursorName, match=r"cursor .* does not exist"
+                ):
+                    list(iterator)
+        finally:
+            other.close()
