@@ -183,7 +183,9 @@ def check_servers(
         if server is not None:
             messages += _check_idle_timeout(alias, server)
             if connections[alias].vendor == "postgresql":
-                messages += _check_postgresql_timeouts(alias, server)
+                pooler = diagnostics.read_pooler(alias)
+                messages += _check_postgresql_timeouts(alias, server, pooler)
+                messages += _check_pooler(alias, pooler)
     return messages
 
 
@@ -225,8 +227,16 @@ def _check_idle_timeout(alias: str, server: diagnostics.Server) -> list[CheckMes
 
 
 def _check_postgresql_timeouts(
-    alias: str, server: diagnostics.Server
+    alias: str, server: diagnostics.Server, pooler: diagnostics.Pooler | None
 ) -> list[CheckMessage]:
+    # PgBouncer refuses the startup parameter "options" (unless told to
+    # ignore it, when it is lost): behind it, settings go on the role.
+    where = (
+        "on the server or for the role (ALTER ROLE ... SET; PgBouncer refuses "
+        "OPTIONS['options'])"
+        if pooler is not None
+        else "on the server, for the role (ALTER ROLE ... SET), or for the alias"
+    )
     messages: list[CheckMessage] = []
     if server.client_connection_check_interval is None:
         major = int(server.version.split(".")[0])
@@ -234,9 +244,14 @@ def _check_postgresql_timeouts(
             "Needs PostgreSQL 14 or later."
             if major < 14
             else "Set client_connection_check_interval to a few seconds, such as "
-            "'10s', on the server, for the role (ALTER ROLE ... SET), or for the "
-            f"alias: DATABASES[{alias!r}]['OPTIONS']['options'] = "
-            "'-c client_connection_check_interval=10s'."
+            f"'10s', {where}"
+            + (
+                ""
+                if pooler is not None
+                else f": DATABASES[{alias!r}]['OPTIONS']['options'] = "
+                "'-c client_connection_check_interval=10s'"
+            )
+            + "."
         )
         messages.append(
             Warning(
@@ -257,9 +272,32 @@ def _check_postgresql_timeouts(
                 "whose host vanished, holds the transaction's locks until it "
                 "resumes or its TCP connection times out.",
                 hint="Set idle_in_transaction_session_timeout above the longest "
-                "pause your code makes inside a transaction, such as '5min', on "
-                "the server, for the role, or in OPTIONS['options'].",
+                f"pause your code makes inside a transaction, such as '5min', {where}"
+                + ("." if pooler is not None else " (OPTIONS['options'])."),
                 id="django_task_db.W005",
             )
         )
     return messages
+
+
+def _check_pooler(alias: str, pooler: diagnostics.Pooler | None) -> list[CheckMessage]:
+    if pooler is None or pooler.pool_mode == "session":
+        return []
+    if diagnostics.database_settings(alias).get("DISABLE_SERVER_SIDE_CURSORS"):
+        return []
+    mode = (
+        f"pools by {pooler.pool_mode}"
+        if pooler.pool_mode is not None
+        else "may pool by transaction (its admin console would not say)"
+    )
+    return [
+        Warning(
+            f"The database alias {alias!r} goes through PgBouncer, which {mode}: "
+            "QuerySet.iterator() reads through a server-side cursor, chunk by "
+            "chunk, and the next chunk may run on a server session that lacks the "
+            "cursor (cursor ... does not exist).",
+            hint=f"Set DATABASES[{alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True "
+            "(Django's documentation, Transaction pooling and server-side cursors).",
+            id="django_task_db.W010",
+        )
+    ]

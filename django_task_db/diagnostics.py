@@ -71,6 +71,19 @@ class Server:
 
 
 @dataclass(frozen=True)
+class Pooler:
+    """A PgBouncer in front of an alias, found through its admin console
+    (the database "pgbouncer" at the alias's host and port). Without admin
+    access (admin_users or stats_users) only its presence is known."""
+
+    name: str  # "PgBouncer"
+    version: str | None  # "1.18.0"
+    pool_mode: str | None  # "session", "transaction" or "statement"
+    max_client_conn: int | None  # client connections it accepts in all
+    pool_size: int | None  # server connections per database and user
+
+
+@dataclass(frozen=True)
 class Pool:
     """Django's PostgreSQL pool of an alias, one per process."""
 
@@ -114,6 +127,7 @@ class AliasStatus:
     pool: Pool | None
     strategy: str
     server: Server | None = None  # None for SQLite, or when unreachable
+    pooler: Pooler | None = None  # PostgreSQL only
     error: str | None = None  # "ErrorClass: message", when unreachable
     budget: Budget | None = None
 
@@ -186,6 +200,59 @@ def read_server(connection: BaseDatabaseWrapper) -> Server | None:
         return reader(connection, cursor)
 
 
+def read_pooler(alias: str) -> Pooler | None:
+    """The PgBouncer in front of a PostgreSQL alias, or None when there is
+    none (or it cannot be told: the admin console could not be reached).
+    Connects to the admin console with the alias's user and password,
+    directly through the driver, and disconnects."""
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return None
+    database = database_settings(alias)
+    try:
+        console = connection.Database.connect(  # type: ignore[attr-defined]
+            host=database.get("HOST") or None,
+            port=database.get("PORT") or None,
+            user=database.get("USER") or None,
+            password=database.get("PASSWORD") or None,
+            dbname="pgbouncer",
+            connect_timeout=5,
+        )
+    except Exception as exc:  # the driver's connect error, whichever it is
+        # PgBouncer refuses users outside admin_users and stats_users with
+        # "not allowed"; PostgreSQL has no database "pgbouncer".
+        if "not allowed" in str(exc):
+            return Pooler("PgBouncer", None, None, None, None)
+        return None
+    try:
+        console.autocommit = True  # the console has no transactions
+        with console.cursor() as cursor:
+            cursor.execute("SHOW VERSION")
+            version = str(cursor.fetchone()[0])
+            cursor.execute("SHOW CONFIG")
+            config = {row[0]: row[1] for row in cursor.fetchall()}
+            cursor.execute("SHOW DATABASES")
+            columns = [column[0] for column in cursor.description]
+            rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+    except Exception:  # a PostgreSQL database that happens to be named so
+        return None
+    finally:
+        console.close()
+    if not version.startswith("PgBouncer "):
+        return None
+    entry = next((row for row in rows if row["name"] == database.get("NAME")), {})
+    pool_size = entry.get("pool_size") or config.get("default_pool_size")
+    return Pooler(
+        name="PgBouncer",
+        version=version.removeprefix("PgBouncer "),
+        pool_mode=entry.get("pool_mode") or config.get("pool_mode"),
+        max_client_conn=int(config["max_client_conn"])
+        if "max_client_conn" in config
+        else None,
+        pool_size=None if pool_size is None else int(pool_size),
+    )
+
+
 @contextmanager
 def borrowed(connection: BaseDatabaseWrapper) -> Iterator[CursorWrapper]:
     """A cursor of ``connection``; the connection is closed afterwards if
@@ -252,7 +319,7 @@ def _report(alias: str) -> AliasStatus:
     except Exception as exc:  # the driver's connect error, whichever it is
         message = without_secrets(str(exc).strip(), alias)
         return _replace(report, error=f"{type(exc).__name__}: {message}")
-    return _replace(report, server=server)
+    return _replace(report, server=server, pooler=read_pooler(alias))
 
 
 def _replace(report: AliasStatus, **changes: Any) -> AliasStatus:
@@ -288,6 +355,8 @@ def _with_budget(
         n for alias, n in per_process.items() if _server_key(alias) == key
     )
     allowed = report.server.allowed
+    if report.pooler is not None and report.pooler.max_client_conn is not None:
+        allowed = report.pooler.max_client_conn  # the clients are PgBouncer's
     verdict: Verdict = (
         "fits"
         if server_needed <= TIGHT * allowed
@@ -301,26 +370,31 @@ def _with_budget(
         server_needed=server_needed,
         allowed=allowed,
         verdict=verdict,
-        advice=_advice(report, deployment, verdict),
+        advice=_advice(report, deployment, verdict, allowed),
     )
     return _replace(report, budget=budget)
 
 
-def _advice(report: AliasStatus, deployment: Deployment, verdict: Verdict) -> str:
+def _advice(
+    report: AliasStatus, deployment: Deployment, verdict: Verdict, allowed: int
+) -> str:
     if verdict == "fits":
         return "nothing to change"
     processes = deployment.hosts * deployment.processes
-    fit = math.floor(TIGHT * report.server.allowed) // processes  # type: ignore[union-attr]
+    fit = math.floor(TIGHT * allowed) // processes
     changes = ["fewer processes"]
-    if report.pool is not None:
+    if report.pooler is not None:
+        changes += ["fewer threads", "a higher max_client_conn in PgBouncer"]
+    elif report.pool is not None:
         changes.append("a smaller OPTIONS['pool']['max_size']")
     else:
         changes.append("fewer threads")
         if report.vendor == "postgresql":
             changes.append("Django's pool (OPTIONS['pool'])")
-    if report.vendor == "postgresql":
-        changes.append("PgBouncer in front of the server")
-    changes.append("a higher max_connections")
+    if report.pooler is None:
+        if report.vendor == "postgresql":
+            changes.append("PgBouncer in front of the server")
+        changes.append("a higher max_connections")
     return (
         f"at most {fit} connections per process fit on this server, for all its "
         f"aliases together; use {', '.join(changes[:-1])}, or {changes[-1]}"

@@ -33,8 +33,11 @@ def missing() -> str | None:
 
 
 class PgBouncer:
-    def __init__(self, pool_mode: str):
+    def __init__(self, pool_mode: str, admin: bool = True):
+        """``admin``: whether the suite's PostgreSQL user may use the admin
+        console (admin_users)."""
         self.pool_mode = pool_mode
+        self.admin_users = settings.DATABASES["postgres"]["USER"] if admin else "nobody"
         self.port = free_port()
         self.directory = Path(
             tempfile.mkdtemp(prefix=f"task_db_pgbouncer_{pool_mode}_")
@@ -60,7 +63,7 @@ listen_port = {self.port}
 unix_socket_dir =
 auth_type = trust
 auth_file = {self.directory}/userlist.txt
-admin_users = {up["USER"]}
+admin_users = {self.admin_users}
 pool_mode = {self.pool_mode}
 default_pool_size = 20
 max_client_conn = 500
@@ -85,7 +88,7 @@ pidfile = {self.directory}/pgbouncer.pid
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.admin("SHOW VERSION")
+                self.connect().close()
                 return
             except Exception:  # the driver's connect error, whichever it is
                 if self.process.poll() is not None or time.monotonic() > deadline:

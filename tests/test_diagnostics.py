@@ -446,7 +446,7 @@ def test_status_budget_sums_the_aliases_of_one_server(postgres, pgpool):
 
 JSON_KEYS = {
     "alias", "vendor", "host", "port", "database", "user", "conn_max_age",
-    "conn_health_checks", "pool", "strategy", "server", "error", "budget",
+    "conn_health_checks", "pool", "strategy", "server", "pooler", "error", "budget",
 }  # fmt: skip
 SERVER_KEYS = {
     "version", "idle_timeout_setting", "idle_timeout", "max_connections",

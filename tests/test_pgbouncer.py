@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from django.db import connections, transaction
+from django.db import OperationalError, connections, transaction
 from django.db.backends.signals import connection_created
 from psycopg.errors import InvalidCursorName
 
-from django_task_db import task_scope
+from django_task_db import diagnostics, task_scope
+from django_task_db.checks import check_servers
 from tests.conftest import server_for
 from tests.pgbouncer import DATABASE, PgBouncer, missing
 from tests.private_servers import add_alias, remove_alias
@@ -257,3 +258,92 @@ def test_server_side_cursor_across_transactions(behind, settings):
                     list(iterator)
         finally:
             other.close()
+
+
+# What the diagnostics make of it.
+
+
+def test_status_finds_pgbouncer_and_budgets_its_client_connections(behind):
+    """taskdb_status reads PgBouncer's admin console: version, pool mode,
+    pool_size and max_client_conn; the budget counts client connections
+    against max_client_conn, not PostgreSQL's max_connections; nothing is
+    left open on PgBouncer."""
+    (report,) = diagnostics.status([ALIAS], diagnostics.Deployment(3, 4, 8))
+    assert report.pooler == diagnostics.Pooler(
+        "PgBouncer", "1.18.0", behind.pool_mode, 500, 20
+    )
+    assert report.budget is not None
+    assert (report.budget.needed, report.budget.allowed) == (96, 500)
+    assert report.budget.verdict == "fits"
+    assert connections[ALIAS].connection is None
+    assert poll(lambda: behind.pgbouncer.clients() == 0)
+
+
+def test_w010_transaction_pooling_with_server_side_cursors(behind):
+    """W010 in transaction mode while server-side cursors are on (what
+    test_server_side_cursor_across_transactions shows failing); silent in
+    session mode and with DISABLE_SERVER_SIDE_CURSORS."""
+    remove_alias(ALIAS)
+    add_alias(
+        ALIAS,
+        behind.pgbouncer.database(
+            behind.application_name, DISABLE_SERVER_SIDE_CURSORS=False
+        ),
+    )
+    found = [m for m in check_servers(databases=[ALIAS]) if m.id.endswith("W010")]
+    if behind.pool_mode == "session":
+        assert found == []
+    else:
+        (warning,) = found
+        assert "pools by transaction" in warning.msg
+        assert "DISABLE_SERVER_SIDE_CURSORS'] = True" in warning.hint
+    remove_alias(ALIAS)
+    add_alias(ALIAS, behind.pgbouncer.database(behind.application_name))
+    assert "django_task_db.W010" not in ids(check_servers(databases=[ALIAS]))
+
+
+def test_postgresql_timeout_hints_behind_pgbouncer(behind):
+    """Behind PgBouncer, W004 and W005 recommend the role, not OPTIONS
+    ['options'], which PgBouncer refuses (shown here)."""
+    found = {m.id: m for m in check_servers(databases=[ALIAS])}
+    for check_id in ("django_task_db.W004", "django_task_db.W005"):
+        assert "ALTER ROLE" in found[check_id].hint
+        assert "PgBouncer refuses OPTIONS['options']" in found[check_id].hint
+    remove_alias(ALIAS)
+    database = behind.pgbouncer.database(behind.application_name)
+    database["OPTIONS"]["options"] = "-c client_connection_check_interval=10s"
+    add_alias(ALIAS, database)
+    with pytest.raises(OperationalError, match="unsupported startup parameter"):
+        one_query()
+
+
+def test_pgbouncer_without_admin_access(postgres, pgbouncers):
+    """A user outside admin_users still learns that PgBouncer is there (it
+    answers "not allowed"), not its pool mode: W010 says it may pool by
+    transaction."""
+    reason = missing()
+    if reason is not None:
+        unavailable("PgBouncer", reason)
+    bouncer = pgbouncers.setdefault("closed", PgBouncer("transaction", admin=False))
+    if bouncer.process is None:
+        bouncer.start()
+    database = bouncer.database("bouncer_no_admin", DISABLE_SERVER_SIDE_CURSORS=False)
+    add_alias(ALIAS, database)
+    try:
+        assert diagnostics.read_pooler(ALIAS) == diagnostics.Pooler(
+            "PgBouncer", None, None, None, None
+        )
+        (warning,) = [
+            m for m in check_servers(databases=[ALIAS]) if m.id.endswith("W010")
+        ]
+        assert "may pool by transaction" in warning.msg
+    finally:
+        remove_alias(ALIAS)
+
+
+def test_no_pooler_in_front_of_postgresql(postgres):
+    assert diagnostics.read_pooler("postgres") is None
+
+
+def ids(messages: Any) -> list[str]:
+    return [message.id for message in messages]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 PARTS = ("overhead", "celery", "direct", "memory")
-BACKENDS = ("default", "mysql", "postgres", "pgpool")
+BACKENDS = ("default", "mysql", "postgres", "pgpool", "bouncer")
 ALIAS_NAMES = {"sqlite": "default"}
 ROOT = Path(__file__).resolve().parents[2]
 # PostgreSQL's database, unless TASK_DB_POSTGRES_NAME says otherwise: one of
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--backends",
         default=",".join(BACKENDS),
         help="comma-separated aliases for the celery and direct parts: "
-        "sqlite (or default), mysql, postgres, pgpool (default: all)",
+        "sqlite (or default), mysql, postgres, pgpool, bouncer (PgBouncer in "
+        "transaction mode, direct part only) (default: all)",
     )
     parser.add_argument(
         "--tasks",

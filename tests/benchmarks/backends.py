@@ -18,6 +18,7 @@ LABELS = {
     "mysql": "MariaDB",
     "postgres": "PostgreSQL",
     "pgpool": "PostgreSQL + Django's pool",
+    "bouncer": "PostgreSQL through PgBouncer (transaction pooling)",
 }
 
 # The one small query of a unit of work: it returns the server's id for the
@@ -66,6 +67,10 @@ def probe(alias: str) -> Backend:
     """Reach the backend of ``alias`` once (creating MariaDB's database, as
     the test suite does), and say why not if it does not answer."""
     label = LABELS.get(alias, alias)
+    if alias == "bouncer":
+        reason = _start_pgbouncer()
+        if reason:
+            return Backend(alias, label, "postgresql", skipped=f"skipped: {reason}")
     if alias not in settings.DATABASES:
         return Backend(alias, label, "", skipped=f"skipped: no alias {alias!r}")
     vendor = _vendor(alias)
@@ -95,6 +100,31 @@ def probe(alias: str) -> Backend:
             detail=f"{type(exc).__name__}: {exc}".strip(),
         )
     return Backend(alias, label, vendor, version)
+
+
+def _start_pgbouncer() -> str:
+    """Start a PgBouncer in transaction pooling mode in front of the
+    PostgreSQL alias's database, stopped when the program exits, and add the
+    alias "bouncer" through it; or say why not."""
+    import atexit
+
+    from tests.pgbouncer import PgBouncer, missing
+    from tests.private_servers import add_alias
+
+    reason = missing()
+    if reason:
+        return reason
+    if probe("postgres").skipped:
+        return "PostgreSQL unreachable"
+    bouncer = PgBouncer("transaction")
+    try:
+        bouncer.start()
+    except RuntimeError as exc:
+        bouncer.remove()
+        return f"PgBouncer did not start: {exc}"
+    atexit.register(bouncer.remove)
+    add_alias("bouncer", bouncer.database("django_task_db_bench_bouncer"))
+    return ""
 
 
 def _create_postgres_database(server: Any) -> None:
@@ -149,7 +179,9 @@ class ConnectionCounter:
     connection, opened once, so that reading opens nothing."""
 
     def __init__(self, alias: str):
-        self.server = make_server(alias)
+        # Behind PgBouncer, the server is read directly: what it accepted
+        # from PgBouncer.
+        self.server = make_server("postgres" if alias == "bouncer" else alias)
         self.conn = self.server.admin()
         self.postgres = isinstance(self.server, PostgresServer)
 

@@ -108,6 +108,7 @@ def _table(
         ("CONN_HEALTH_CHECKS", [str(r.conn_health_checks) for r in reports]),
         ("pool", [_pool(r.pool) for r in reports]),
         ("strategy", [r.strategy for r in reports]),
+        ("pooler", [_pooler(r) for r in reports]),
         ("idle timeout", [_server(r, _idle) for r in reports]),
         ("max_connections", [_server(r, _max) for r in reports]),
         ("connections now", [_server(r, _now) for r in reports]),
@@ -169,6 +170,18 @@ def _server(r: AliasStatus, show: Any) -> str:
     if r.error is not None:
         return "(not reachable)"
     return "-" if r.server is None else str(show(r.server))
+
+
+def _pooler(r: AliasStatus) -> str:
+    p = r.pooler
+    if p is None:
+        return "-" if r.vendor != "postgresql" or r.error else "none found"
+    if p.version is None:
+        return f"{p.name} (no admin access)"
+    return (
+        f"{p.name} {p.version}, {p.pool_mode} pooling "
+        f"(pool_size {p.pool_size}, max_client_conn {p.max_client_conn})"
+    )
 
 
 def _idle(s: diagnostics.Server) -> str:
