@@ -61,6 +61,11 @@ if django.VERSION >= (5, 1):
         },
     }
 
+# An alias through a PgBouncer that a test or the benchmark started
+# (tests/pgbouncer.py), for the worker subprocesses they start.
+if "TASK_DB_BOUNCER_DATABASE" in os.environ:
+    DATABASES["bouncer"] = json.loads(os.environ["TASK_DB_BOUNCER_DATABASE"])
+
 # Worker subprocesses started by the tests get their TASK_DB from here.
 if "TASK_DB_TEST_SETTINGS" in os.environ:
     TASK_DB = json.loads(os.environ["TASK_DB_TEST_SETTINGS"])

@@ -118,6 +118,7 @@ class Worker:
         hooks: Path | None = None,
         hook_aliases: tuple[str, ...] = (),
         root: Path = ROOT,
+        env: dict[str, str] | None = None,
     ):
         self.app = app
         self.queue = queue
@@ -128,6 +129,7 @@ class Worker:
         self.hooks = hooks
         self.hook_aliases = hook_aliases
         self.root = root
+        self.env = env or {}
         self.node = f"task_db_{uuid.uuid4().hex[:10]}@{socket.gethostname()}"
         self.process: subprocess.Popen[bytes] | None = None
         self.stopped: dict[str, Any] | None = None
@@ -181,6 +183,7 @@ class Worker:
             TASK_DB_WORKER_REDIS_DB=str(REDIS_DB),
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.env)
         # The worker imports this checkout's package and tests, whatever
         # the test process imported them from.
         env["PYTHONPATH"] = os.pathsep.join(

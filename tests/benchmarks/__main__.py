@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(BACKENDS),
         help="comma-separated aliases for the celery and direct parts: "
         "sqlite (or default), mysql, postgres, pgpool, bouncer (PgBouncer in "
-        "transaction mode, direct part only) (default: all)",
+        "transaction mode) (default: all)",
     )
     parser.add_argument(
         "--tasks",
@@ -129,6 +129,7 @@ def setup_django() -> None:
     os.environ.setdefault("TASK_DB_POSTGRES_NAME", POSTGRES_DATABASE)
     # This process's TASK_DB is set per run; workers get theirs explicitly.
     os.environ.pop("TASK_DB_TEST_SETTINGS", None)
+    os.environ.pop("TASK_DB_BOUNCER_DATABASE", None)  # set again if one starts
     import django
 
     django.setup()
@@ -303,7 +304,7 @@ def run_part(
         from tests.benchmarks.backends import probe_redis
 
         redis_error = probe_redis(redis)
-        servers = [b for b in selected if b.alias in ("mysql", "postgres")]
+        servers = [b for b in selected if b.alias in ("mysql", "postgres", "bouncer")]
         if redis_error:
             servers = [
                 b

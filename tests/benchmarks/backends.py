@@ -3,6 +3,8 @@ versions, and the number of connections a server has accepted."""
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -123,7 +125,10 @@ def _start_pgbouncer() -> str:
         bouncer.remove()
         return f"PgBouncer did not start: {exc}"
     atexit.register(bouncer.remove)
-    add_alias("bouncer", bouncer.database("django_task_db_bench_bouncer"))
+    database = bouncer.database("django_task_db_bench_bouncer")
+    add_alias("bouncer", database)
+    # The alias of the Celery part's worker processes (tests/settings.py).
+    os.environ["TASK_DB_BOUNCER_DATABASE"] = json.dumps(database)
     return ""
 
 
