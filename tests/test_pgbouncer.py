@@ -9,6 +9,7 @@ PgBouncer has (its admin console's SHOW CLIENTS).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from psycopg.errors import InvalidCursorName
 
 from django_task_db import diagnostics, task_scope
 from django_task_db.checks import check_servers
+from tests.celery_app import session_id, session_id_close_all
 from tests.conftest import server_for
 from tests.pgbouncer import DATABASE, PgBouncer, missing
 from tests.private_servers import add_alias, remove_alias
@@ -35,6 +37,7 @@ from tests.test_fork_and_cancel import (
     wait_for_exit,
 )
 from tests.testapp.models import Item
+from tests.workers import Worker, sending_app, unique_queue
 
 ALIAS = "bouncer"
 MODES = ["transaction", "session"]
@@ -347,3 +350,63 @@ def test_no_pooler_in_front_of_postgresql(postgres):
 
 def ids(messages: Any) -> list[str]:
     return [message.id for message in messages]
+
+
+# Celery prefork workers through PgBouncer.
+
+TASKS = 200
+CONCURRENCY = 2
+
+
+@pytest.fixture(scope="module", params=MODES)
+def bounced_worker(
+    request, pgbouncers, redis_url, tmp_path_factory
+) -> Iterator[tuple[Worker, PgBouncer]]:
+    """A ``celery worker --pool=prefork -c 2`` whose alias "bouncer" goes
+    through PgBouncer (TASK_DB {}: close_old, the fixup replaced)."""
+    reason = missing()
+    if reason is not None:
+        unavailable("PgBouncer", reason)
+    mode = request.param
+    bouncer = pgbouncers.setdefault(mode, PgBouncer(mode))
+    if bouncer.process is None:
+        bouncer.start()
+    database = bouncer.database(f"bouncer_worker_{mode}")
+    with sending_app(redis_url, unique_queue("bouncer")) as app:
+        worker = Worker(
+            app,
+            unique_queue(f"bouncer_{mode}"),
+            tmp_path_factory.mktemp("bouncer") / "worker.log",
+            task_db={},
+            concurrency=CONCURRENCY,
+            env={"TASK_DB_BOUNCER_DATABASE": json.dumps(database)},
+        )
+        try:
+            worker.start()
+            yield worker, bouncer
+        finally:
+            outcome = worker.stop()
+    assert not outcome["killed"] and not outcome["left_running"], outcome
+
+
+def bouncer_sessions(bouncer: PgBouncer) -> set[int]:
+    postgres = server_for("postgres")
+    return Behind(bouncer, postgres, "").server_sessions()
+
+
+@pytest.mark.parametrize("task", [session_id, session_id_close_all])
+def test_prefork_worker_through_pgbouncer(postgres, bounced_worker, task):
+    """200 one-query tasks: close_old keeps one client connection per child,
+    close_all opens one per task; either way they run on at most one server
+    session per child, PgBouncer's, and close_all leaves no client
+    connection."""
+    worker, bouncer = bounced_worker
+    ids = worker.run_many(task, ALIAS, count=TASKS)
+    assert len(set(ids)) <= CONCURRENCY
+    assert set(ids) <= bouncer_sessions(bouncer)
+    clients = CONCURRENCY if task is session_id else 0
+    assert poll(lambda: bouncer.clients() == clients), bouncer.admin("SHOW CLIENTS")
+    print(
+        f"\n[pgbouncer {bouncer.pool_mode}] {task.name}: {TASKS} tasks on "
+        f"{len(set(ids))} server sessions, {bouncer.clients()} client connections left"
+    )
