@@ -137,6 +137,10 @@ def test_strategies(behind, settings, opened, strategy, client_connections):
     assert len(opened) == client_connections
     assert len(backends) == 1
     assert behind.server_sessions() == backends
+    (pool,) = [
+        r for r in behind.pgbouncer.admin("SHOW POOLS") if r["database"] == DATABASE
+    ]
+    assert pool["sv_active"] + pool["sv_idle"] + pool["sv_used"] == 1
     left = 0 if strategy == "close_all" else 1
     assert poll(lambda: behind.pgbouncer.clients() == left)
 
