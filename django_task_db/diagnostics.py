@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -206,7 +207,7 @@ def read_pooler(alias: str) -> Pooler | None:
     Connects to the admin console with the alias's user and password,
     directly through the driver, and disconnects."""
     connection = connections[alias]
-    if connection.vendor != "postgresql":
+    if connection.vendor != "postgresql" or not _answered_elsewhere(alias):
         return None
     database = database_settings(alias)
     try:
@@ -251,6 +252,26 @@ def read_pooler(alias: str) -> Pooler | None:
         else None,
         pool_size=None if pool_size is None else int(pool_size),
     )
+
+
+def _answered_elsewhere(alias: str) -> bool:
+    """Whether the PostgreSQL server that answers the alias listens on
+    another address or port than the alias names: something is between
+    them. Asked first so that a direct connection never knocks at the admin
+    console (PostgreSQL would log a FATAL for its missing database)."""
+    with borrowed(connections[alias]) as cursor:
+        cursor.execute("SELECT host(inet_server_addr()), current_setting('port')")
+        address, port = cursor.fetchone()
+    if address is None:  # a Unix socket: nothing between
+        return False
+    database = database_settings(alias)
+    if str(database.get("PORT") or "5432") != str(port):
+        return True
+    try:
+        names = socket.getaddrinfo(database.get("HOST") or "localhost", None)
+    except OSError:
+        return True
+    return address not in {name[4][0] for name in names}
 
 
 @contextmanager
