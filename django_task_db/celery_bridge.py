@@ -179,9 +179,9 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
 def _report_checks() -> None:
     """Log the package's system check messages: Celery runs the checks when
     the worker starts and drops what they say."""
-    from django_task_db.checks import check_settings
+    from django_task_db.checks import check_aliases, check_settings
 
-    for message in check_settings():
+    for message in check_settings() + check_aliases():
         hint = f" HINT: {message.hint}" if message.hint else ""
         logger.log(
             logging.ERROR if message.is_serious() else logging.WARNING,

@@ -119,7 +119,12 @@ def check_aliases(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
         age = database.get("CONN_MAX_AGE", 0)
         pool = diagnostics.pool_of(alias)
         health_checks = conf.get("HEALTH_CHECKS") or database.get("CONN_HEALTH_CHECKS")
-        if strategy is strategies.close_old and age is None and not health_checks:
+        if (
+            strategy is strategies.close_old
+            and age is None
+            and not health_checks
+            and connections[alias].vendor != "sqlite"  # no server to drop it
+        ):
             messages.append(
                 Warning(
                     f"The database alias {alias!r} keeps its connection forever "

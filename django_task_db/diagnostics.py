@@ -15,7 +15,7 @@ import re
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from django.conf import settings
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 # OPTIONS["pool"] sets them.
 POOL_MIN_SIZE = 4
 POOL_MAX_IDLE = 600.0
+
+DEFAULT_PORTS = {"mysql": "3306", "postgresql": "5432"}
 
 # "tight" above this share of the connections the server allows: the rest
 # is for the other clients (web servers, cron jobs, consoles) and for
@@ -64,11 +66,8 @@ class Server:
 
     @property
     def allowed(self) -> int:
-        """The connections this alias's user may open in all."""
-        allowed = self.max_connections - self.reserved_connections
-        if self.user_connection_limit is not None:
-            allowed = min(allowed, self.user_connection_limit)
-        return allowed
+        """The connections the server allows users that are not superusers."""
+        return self.max_connections - self.reserved_connections
 
 
 @dataclass(frozen=True)
@@ -101,6 +100,15 @@ class Deployment:
     processes: int = 1
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        for name in ("hosts", "processes", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"Deployment {name} is {value!r}; allowed: a whole number, "
+                    "1 or more."
+                )
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -110,8 +118,10 @@ class Budget:
     per_process: int  # threads, or with a pool what the pool can hold
     needed: int  # this alias: hosts x processes x per_process
     server_needed: int  # with the other aliases on the same server
-    allowed: int  # Server.allowed
-    verdict: Verdict
+    allowed: int  # Server.allowed, or behind PgBouncer its max_client_conn
+    user_needed: int  # with the other aliases of the same user on the server
+    user_allowed: int | None  # Server.user_connection_limit (None: no limit)
+    verdict: Verdict  # the worse of the server's and the user's
     advice: str
 
 
@@ -143,7 +153,17 @@ def status(
     connection budget of ``deployment`` when given. An alias whose server
     cannot be reached has ``error`` set; the others still report. Leaves no
     connection open that was not open before."""
-    names = list(settings.DATABASES) if aliases is None else list(aliases)
+    if isinstance(aliases, str):
+        raise TypeError(f"aliases is the str {aliases!r}; allowed: a list of aliases.")
+    names = (
+        list(settings.DATABASES) if aliases is None else list(dict.fromkeys(aliases))
+    )
+    unknown = [alias for alias in names if alias not in settings.DATABASES]
+    if unknown:
+        raise ValueError(
+            f"{unknown[0]!r} is not an alias of DATABASES; "
+            f"allowed: {', '.join(settings.DATABASES)}."
+        )
     reports = [_report(alias) for alias in names]
     if deployment is None:
         return reports
@@ -275,36 +295,44 @@ def _answered_elsewhere(alias: str) -> bool:
 
 
 @contextmanager
-def borrowed(connection: BaseDatabaseWrapper) -> Iterator[CursorWrapper]:
+def borrowed(connection: BaseDatabaseWrapper) -> Iterator[Any]:
     """A cursor of ``connection``; the connection is closed afterwards if
-    it was closed before."""
+    it was closed before. With Django's pool, a driver connection of its
+    own instead, closed afterwards: opening the pool would wait for its
+    timeout when the server is down, and psycopg_pool logs each failed
+    attempt with the connection's parameters."""
+    if pool_of(connection.alias) is not None:
+        params = connection.get_connection_params()
+        raw = connection.Database.connect(**params)  # type: ignore[attr-defined]
+        try:
+            with raw.cursor() as cursor:
+                yield cursor
+        finally:
+            raw.close()
+        return
     was_open = connection.connection is not None
-    pools = getattr(type(connection), "_connection_pools", {})
-    pool_was_open = connection.alias in pools
     try:
         with connection.cursor() as cursor:
             yield cursor
     finally:
         if not was_open:
             connection.close()
-        if not pool_was_open and connection.alias in pools:
-            connection.close_pool()  # type: ignore[attr-defined]
 
 
 def without_secrets(text: str, alias: str) -> str:
-    """``text`` (a driver's error message) without the alias's password, its
-    OPTIONS text values (of 3 characters or more) and each word of 4 or more
-    in them (a driver may quote part of a value), nor credentials in a URL:
-    each is ``***``."""
+    """``text`` (a driver's error message) with ``***`` for the alias's
+    password, its OPTIONS text values and each word of 4 characters or more
+    in them (a driver may quote part of a value), wherever one stands as a
+    whole (not inside a longer word), and for credentials in a URL."""
     database = database_settings(alias)
     secrets = {str(database.get("PASSWORD") or "")}
     options = database.get("OPTIONS")
     for value in _leaves(options if isinstance(options, dict) else {}):
-        if isinstance(value, str) and len(value) >= 3:
+        if isinstance(value, str):
             secrets.add(value)
             secrets.update(re.findall(r"\w{4,}", value))
     for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = text.replace(secret, "***")
+        text = re.sub(rf"(?<!\w){re.escape(secret)}(?!\w)", "***", text)
     return conf.masked(text)
 
 
@@ -327,7 +355,7 @@ def _report(alias: str) -> AliasStatus:
         alias=alias,
         vendor=connection.vendor,
         host=str(database.get("HOST") or ""),
-        port=str(database.get("PORT") or ""),
+        port=str(database.get("PORT") or DEFAULT_PORTS.get(connection.vendor, "")),
         database=str(database.get("NAME") or ""),
         user=str(database.get("USER") or ""),
         conn_max_age=None if age is None else float(age),
@@ -339,12 +367,8 @@ def _report(alias: str) -> AliasStatus:
         server = read_server(connection)
     except Exception as exc:  # the driver's connect error, whichever it is
         message = without_secrets(str(exc).strip(), alias)
-        return _replace(report, error=f"{type(exc).__name__}: {message}")
-    return _replace(report, server=server, pooler=read_pooler(alias))
-
-
-def _replace(report: AliasStatus, **changes: Any) -> AliasStatus:
-    return AliasStatus(**{**report.__dict__, **changes})
+        return replace(report, error=f"{type(exc).__name__}: {message}")
+    return replace(report, server=server, pooler=read_pooler(alias))
 
 
 def _per_process(alias: str, deployment: Deployment) -> int:
@@ -355,13 +379,34 @@ def _per_process(alias: str, deployment: Deployment) -> int:
     return max(pool.min_size, min(deployment.threads, pool.max_size))
 
 
-def _server_key(alias: str) -> tuple[str, str, str]:
+def _server_key(alias: str) -> tuple[str, str, frozenset[str]]:
+    """What tells a server: the vendor, the port (the driver's default when
+    unset) and the addresses its HOST resolves to (the name itself when it
+    does not resolve, or for a Unix socket). Aliases whose keys share the
+    vendor and port and an address are on one server."""
     database = database_settings(alias)
-    return (
-        connections[alias].vendor,
-        str(database.get("HOST") or "localhost"),
-        str(database.get("PORT") or ""),
-    )
+    vendor = connections[alias].vendor
+    host = str(database.get("HOST") or "localhost")
+    port = str(database.get("PORT") or DEFAULT_PORTS.get(vendor, ""))
+    if host.startswith("/"):
+        return vendor, port, frozenset([host])
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        addresses = {host}
+    return vendor, port, frozenset(addresses)
+
+
+def _same_server(
+    a: tuple[str, str, frozenset[str]], b: tuple[str, str, frozenset[str]]
+) -> bool:
+    return a[:2] == b[:2] and bool(a[2] & b[2])
+
+
+def _band(needed: int, allowed: int) -> Verdict:
+    if needed <= TIGHT * allowed:
+        return "fits"
+    return "tight" if needed <= allowed else "does not fit"
 
 
 def _with_budget(
@@ -370,39 +415,52 @@ def _with_budget(
     if report.server is None:
         return report
     processes = deployment.hosts * deployment.processes
-    needed = processes * per_process[report.alias]
     key = _server_key(report.alias)
-    server_needed = processes * sum(
-        n for alias, n in per_process.items() if _server_key(alias) == key
+    user = report.user
+    on_server = [a for a in per_process if _same_server(_server_key(a), key)]
+    server_needed = processes * sum(per_process[a] for a in on_server)
+    user_needed = processes * sum(
+        per_process[a]
+        for a in on_server
+        if database_settings(a).get("USER", "") == user
     )
     allowed = report.server.allowed
-    if report.pooler is not None and report.pooler.max_client_conn is not None:
-        allowed = report.pooler.max_client_conn  # the clients are PgBouncer's
-    verdict: Verdict = (
-        "fits"
-        if server_needed <= TIGHT * allowed
-        else "tight"
-        if server_needed <= allowed
-        else "does not fit"
-    )
+    user_allowed = report.server.user_connection_limit
+    if report.pooler is not None:
+        # The clients are PgBouncer's: its max_client_conn is the limit, and
+        # the server's (and the user's) apply to its pool only.
+        allowed = report.pooler.max_client_conn or allowed
+        user_allowed = None
+    verdicts = [_band(server_needed, allowed)]
+    if user_allowed is not None:
+        verdicts.append(_band(user_needed, user_allowed))
+    order: list[Verdict] = ["fits", "tight", "does not fit"]
+    verdict = max(verdicts, key=order.index)
     budget = Budget(
         per_process=per_process[report.alias],
-        needed=needed,
+        needed=processes * per_process[report.alias],
         server_needed=server_needed,
         allowed=allowed,
+        user_needed=user_needed,
+        user_allowed=user_allowed,
         verdict=verdict,
-        advice=_advice(report, deployment, verdict, allowed),
+        advice="",
     )
-    return _replace(report, budget=budget)
+    budget = replace(budget, advice=_advice(report, deployment, budget))
+    return replace(report, budget=budget)
 
 
-def _advice(
-    report: AliasStatus, deployment: Deployment, verdict: Verdict, allowed: int
-) -> str:
-    if verdict == "fits":
+def _advice(report: AliasStatus, deployment: Deployment, budget: Budget) -> str:
+    if budget.verdict == "fits":
         return "nothing to change"
     processes = deployment.hosts * deployment.processes
-    fit = math.floor(TIGHT * allowed) // processes
+    user_binds = (
+        budget.user_allowed is not None
+        and _band(budget.user_needed, budget.user_allowed) == budget.verdict
+        and _band(budget.server_needed, budget.allowed) != budget.verdict
+    )
+    limit = budget.user_allowed if user_binds else budget.allowed
+    fit = math.floor(TIGHT * (limit or 0)) // processes
     changes = ["fewer processes"]
     if report.pooler is not None:
         changes += ["fewer threads", "a higher max_client_conn in PgBouncer"]
@@ -415,10 +473,19 @@ def _advice(
     if report.pooler is None:
         if report.vendor == "postgresql":
             changes.append("PgBouncer in front of the server")
-        changes.append("a higher max_connections")
+        changes.append(
+            f"a higher connection limit for the user {report.user!r}"
+            if user_binds
+            else "a higher max_connections"
+        )
+    whose = (
+        f"for the user {report.user!r} on this server"
+        if user_binds
+        else "on this server, for all its aliases together"
+    )
     return (
-        f"at most {fit} connections per process fit on this server, for all its "
-        f"aliases together; use {', '.join(changes[:-1])}, or {changes[-1]}"
+        f"at most {fit} connections per process fit {whose}; "
+        f"use {', '.join(changes[:-1])}, or {changes[-1]}"
     )
 
 
@@ -486,7 +553,10 @@ def _read_postgresql(connection: BaseDatabaseWrapper, cursor: CursorWrapper) -> 
         "SELECT current_setting('server_version'), "
         "(SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user), "
         "COUNT(*), COUNT(*) FILTER (WHERE usename = current_user) "
-        "FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        # A role without pg_read_all_stats sees no backend_type in other
+        # users' rows; background processes have no user.
+        "FROM pg_stat_activity WHERE usename IS NOT NULL "
+        "AND (backend_type = 'client backend' OR backend_type IS NULL)"
     )
     version, user_limit, connected, mine = cursor.fetchone()
     return Server(

@@ -522,3 +522,13 @@ def test_invalid_task_db_leaves_the_fixup_in_charge(
         assert closed == [(direct_server.alias, "worker_stopping")]
     errors = [r.getMessage() for r in caplog.records if r.name == "django_task_db"]
     assert len([e for e in errors if "'close_sometimes'" in e]) == 1
+
+
+def test_worker_logs_the_alias_checks(settings, caplog):
+    """A worker logs the checks of settings alone (W006 to W008) too."""
+    from django_task_db import celery_bridge
+
+    settings.TASK_DB = {"STRATEGY": "close_all"}  # CONN_MAX_AGE None: W007
+    with caplog.at_level("WARNING", logger="django_task_db"):
+        celery_bridge._report_checks()
+    assert "django-task-db system check django_task_db.W007" in caplog.text

@@ -285,11 +285,12 @@ def test_w009_unreachable_server_without_secrets(postgres, probe):
 def test_w006_close_old_forever_without_health_checks(
     settings, probe, task_db, extra, fires
 ):
-    alias = probe("default", **{"CONN_MAX_AGE": None, **extra})
+    alias = probe("mysql", **{"CONN_MAX_AGE": None, **extra})
     settings.TASK_DB = task_db
     found = [m for m in check_aliases() if m.id == "django_task_db.W006"]
     aliases = {re.search(r"alias '(\w+)'", m.msg)[1] for m in found}
     assert (alias in aliases) is fires
+    assert "default" not in aliases  # SQLite: no server to drop a connection
 
 
 @pytest.mark.parametrize(
@@ -454,7 +455,10 @@ SERVER_KEYS = {
     "user_connections", "idle_in_transaction_session_timeout",
     "client_connection_check_interval",
 }  # fmt: skip
-BUDGET_KEYS = {"per_process", "needed", "server_needed", "allowed", "verdict", "advice"}
+BUDGET_KEYS = {
+    "per_process", "needed", "server_needed", "allowed", "user_needed",
+    "user_allowed", "verdict", "advice",
+}  # fmt: skip
 
 
 def test_status_json_schema(mysql, postgres, pgpool, sqlite):
@@ -524,11 +528,16 @@ def test_status_exit_status_and_no_secrets_in_a_process(tmp_path):
     [
         (
             ("--threads", "0"),
-            "argument --threads: '0' is not a whole number, 1 or more",
+            "argument --threads: '0' is not a whole number from 1 to 1,000,000",
         ),
         (
             ("--hosts", "two"),
-            "argument --hosts: 'two' is not a whole number, 1 or more",
+            "argument --hosts: 'two' is not a whole number from 1 to 1,000,000",
+        ),
+        (
+            ("--hosts", "9" * 2200),
+            "argument --hosts: '99999999999999999999...' is not a whole number "
+            "from 1 to 1,000,000",
         ),
         (
             ("--database", "nope"),
@@ -546,3 +555,137 @@ def test_status_sqlite_needs_no_server(sqlite):
     assert (report.vendor, report.server, report.error, report.budget) == (
         "sqlite", None, None, None,
     )  # fmt: skip
+
+
+def test_duplicate_aliases_report_once():
+    out, _, _ = status_command("--database", "default", "--database", "default")
+    assert out.splitlines()[0].split() == ["alias", "default"]
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda: diagnostics.Deployment(-1, 2, 3), ValueError, "hosts is -1"),
+        (lambda: diagnostics.Deployment(1, 0, 1), ValueError, "processes is 0"),
+        (lambda: diagnostics.Deployment(1, 1, True), ValueError, "threads is True"),
+        (lambda: diagnostics.status("default"), TypeError, "the str 'default'"),
+        (lambda: diagnostics.status(["nope"]), ValueError, "'nope' is not an alias"),
+    ],
+)
+def test_python_api_rejects_bad_arguments(call, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        call()
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        # A one-letter password is masked where it stands alone only.
+        (
+            "database a failed: connection failed",
+            "database *** failed: connection failed",
+        ),
+        # An OPTIONS value inside a longer word is left alone.
+        ("SSL was required", "SSL was required"),
+        ('invalid sslmode value: "require"', 'invalid sslmode value: "***"'),
+        ("Unknown column 'SENTINELOPT' in 'SET'", "Unknown column '***' in 'SET'"),
+    ],
+)
+def test_secrets_masked_as_whole_words(probe, text, shown):
+    alias = probe(
+        "postgres",
+        PASSWORD="a",
+        OPTIONS={"sslmode": "require", "init": "SET @x = SENTINELOPT"},
+    )
+    assert diagnostics.without_secrets(text, alias) == shown
+
+
+def test_pooled_alias_unreachable_without_the_pool(pgpool, probe, caplog):
+    """A pooled alias whose server cannot be reached: the check and the
+    status read it through a driver connection of their own, not the pool,
+    so nothing waits for the pool's timeout and psycopg_pool logs no
+    attempt (its records carry the OPTIONS values)."""
+    options = {
+        **settings_of("pgpool")["OPTIONS"],
+        "pool": {"min_size": 1, "max_size": 2, "timeout": 30},
+        "options": f"-c work_mem={SENTINEL}",
+    }
+    alias = probe("pgpool", OPTIONS=options)
+    with caplog.at_level("DEBUG"):
+        (warning,) = check_servers(databases=[alias])
+        (report,) = diagnostics.status([alias])
+    assert warning.id == "django_task_db.W009"
+    # (work_mem, a word of OPTIONS, is masked too.)
+    assert "FATAL:  invalid value for parameter" in warning.msg
+    assert report.error is not None and "invalid value for parameter" in report.error
+    assert SENTINEL not in warning.msg + report.error + caplog.text
+    assert alias not in type(connections[alias])._connection_pools
+
+
+def settings_of(alias: str) -> dict[str, Any]:
+    from django.conf import settings
+
+    return settings.DATABASES[alias]
+
+
+@pytest.fixture
+def role(postgres):
+    """A PostgreSQL role that is not a superuser, CONNECTION LIMIT 7."""
+    name = f"{postgres.application_name}_role"[:63]
+    postgres.query(f'DROP ROLE IF EXISTS "{name}"')
+    postgres.query(f'CREATE ROLE "{name}" LOGIN CONNECTION LIMIT 7')
+    yield name
+    postgres.query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+        (name,),
+    )
+    postgres.query(f'DROP ROLE IF EXISTS "{name}"')
+
+
+def test_status_counts_other_users_sessions_for_an_unprivileged_role(
+    postgres, probe, role
+):
+    """A role without pg_read_all_stats still counts the sessions of other
+    users (PostgreSQL hides their backend_type from it)."""
+    alias = probe("postgres", USER=role)
+    held = postgres.admin()  # a session of the superuser, held meanwhile
+    try:
+        (report,) = diagnostics.status([alias])
+    finally:
+        held.close()
+    assert report.server is not None
+    assert report.server.user_connections == 1  # the status's own
+    assert report.server.connections > report.server.user_connections
+    assert report.server.user_connection_limit == 7
+
+
+@pytest.mark.parametrize(
+    "threads, verdict", [(5, "fits"), (7, "tight"), (8, "does not fit")]
+)
+def test_user_limit_counts_that_users_aliases_only(
+    postgres, probe, role, threads, verdict
+):
+    """The role's CONNECTION LIMIT (7) is against the role's own aliases;
+    the server's limit against every alias on it."""
+    alias = probe("postgres", USER=role)
+    (report,) = diagnostics.status([alias], diagnostics.Deployment(threads=threads))
+    budget = report.budget
+    assert budget is not None
+    assert (budget.user_needed, budget.user_allowed) == (threads, 7)
+    assert budget.server_needed > budget.user_needed  # "postgres" and "pgpool" too
+    assert budget.verdict == verdict
+    if verdict != "fits":
+        assert f"for the user '{role}'" in budget.advice
+        assert f"a higher connection limit for the user '{role}'" in budget.advice
+
+
+@pytest.mark.parametrize(
+    "host, port", [("localhost", ""), ("127.0.0.1", 3306), ("", "")]
+)
+def test_one_server_under_other_names(mysql, probe, host, port):
+    """localhost and 127.0.0.1, PORT unset, a string or a number: one
+    server, whose budget adds them up."""
+    alias = probe("mysql", HOST=host, PORT=port)
+    reports = diagnostics.status([alias, "mysql"], diagnostics.Deployment(threads=10))
+    assert [r.budget.server_needed for r in reports if r.budget] == [20, 20]
+    assert reports[0].port == "3306"

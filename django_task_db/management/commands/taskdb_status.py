@@ -7,7 +7,6 @@ import argparse
 import json
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_task_db import diagnostics
@@ -16,13 +15,19 @@ from django_task_db.diagnostics import AliasStatus
 JSON_VERSION = 1
 
 
+MAX_COUNT = 1_000_000
+
+
 def _count(value: str) -> int:
     try:
-        number = int(value)
+        number = int(value) if len(value) <= 7 else 0
     except ValueError:
         number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number, 1 or more")
+    if not 1 <= number <= MAX_COUNT:
+        shown = value if len(value) <= 20 else value[:20] + "..."
+        raise argparse.ArgumentTypeError(
+            f"{shown!r} is not a whole number from 1 to {MAX_COUNT:,}"
+        )
     return number
 
 
@@ -53,20 +58,16 @@ class Command(BaseCommand):
             )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        aliases = options["databases"] or list(settings.DATABASES)
-        unknown = [alias for alias in aliases if alias not in settings.DATABASES]
-        if unknown:
-            raise CommandError(
-                f"--database {unknown[0]!r} is not an alias of DATABASES; "
-                f"allowed: {', '.join(settings.DATABASES)}."
-            )
         sizes = [options[name] for name in ("hosts", "processes", "threads")]
         deployment = (
             diagnostics.Deployment(*(size or 1 for size in sizes))
             if any(sizes)
             else None
         )
-        reports = diagnostics.status(aliases, deployment)
+        try:
+            reports = diagnostics.status(options["databases"], deployment)
+        except ValueError as exc:
+            raise CommandError(f"--database {exc}") from None
         if options["json"]:
             document = {
                 "version": JSON_VERSION,
