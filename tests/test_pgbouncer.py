@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +51,18 @@ def pgbouncers() -> Iterator[dict[str, PgBouncer]]:
         bouncer.remove()
 
 
+def started(
+    pgbouncers: dict[str, PgBouncer], key: str, make: Callable[[], PgBouncer]
+) -> PgBouncer:
+    """The module's PgBouncer ``key``, made and started if need be (a test
+    may have stopped it)."""
+    if key not in pgbouncers:
+        pgbouncers[key] = make()
+    if pgbouncers[key].process is None:
+        pgbouncers[key].start()
+    return pgbouncers[key]
+
+
 @dataclass
 class Behind:
     """The alias "bouncer", through a PgBouncer in ``pool_mode``."""
@@ -82,12 +94,7 @@ def behind(request, pgbouncers, settings) -> Iterator[Behind]:
         unavailable("PgBouncer", reason)
     postgres = server_for("postgres")
     mode = request.param
-    if mode not in pgbouncers:
-        pgbouncers[mode] = PgBouncer(mode)
-        pgbouncers[mode].start()
-    bouncer = pgbouncers[mode]
-    if bouncer.process is None:  # a test stopped it
-        bouncer.start()
+    bouncer = started(pgbouncers, mode, lambda: PgBouncer(mode))
     name = f"{postgres.application_name}_bouncer_{mode}"
     add_alias(ALIAS, bouncer.database(name))
     yield Behind(bouncer, postgres, name)
@@ -331,9 +338,9 @@ def test_pgbouncer_without_admin_access(postgres, pgbouncers):
     reason = missing()
     if reason is not None:
         unavailable("PgBouncer", reason)
-    bouncer = pgbouncers.setdefault("closed", PgBouncer("transaction", admin=False))
-    if bouncer.process is None:
-        bouncer.start()
+    bouncer = started(
+        pgbouncers, "closed", lambda: PgBouncer("transaction", admin=False)
+    )
     database = bouncer.database("bouncer_no_admin", DISABLE_SERVER_SIDE_CURSORS=False)
     add_alias(ALIAS, database)
     try:
@@ -372,9 +379,7 @@ def bounced_worker(
     if reason is not None:
         unavailable("PgBouncer", reason)
     mode = request.param
-    bouncer = pgbouncers.setdefault(mode, PgBouncer(mode))
-    if bouncer.process is None:
-        bouncer.start()
+    bouncer = started(pgbouncers, mode, lambda: PgBouncer(mode))
     database = bouncer.database(f"bouncer_worker_{mode}")
     with sending_app(redis_url, unique_queue("bouncer")) as app:
         worker = Worker(
