@@ -1,0 +1,162 @@
+"""The pytest plugin, run in a sub-pytest (pytest's pytester): the leak
+check's outcome and message, and the task_db_celery_worker fixture under
+pytest-django's django_db."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.servers import Server
+
+pytestmark = pytest.mark.task_db_allow_leaks("the sub-pytest's connections")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SETTINGS = """
+from tests.settings import *  # noqa: F403
+DATABASES.pop("pgpool", None)
+for _db in DATABASES.values():
+    _db["TEST"] = {"DEPENDENCIES": []}
+"""
+
+
+@pytest.fixture
+def inner(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> pytest.Pytester:
+    """A sub-pytest that imports the suite's settings, servers and apps."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(pytester.path)]))
+    monkeypatch.delenv("DJANGO_SETTINGS_MODULE", raising=False)
+    return pytester
+
+
+def settings(pytester: pytest.Pytester, app: bool = True, ini: str = "") -> None:
+    extra = "" if app else 'INSTALLED_APPS = ["tests.testapp"]\n'
+    pytester.makepyfile(inner_settings=SETTINGS + extra)
+    pytester.makeini(f"[pytest]\nDJANGO_SETTINGS_MODULE = inner_settings\n{ini}\n")
+
+
+LEAKS = """
+import threading
+
+import pytest
+from django.db import connections, transaction
+
+
+def leak(alias):
+    found = []
+
+    def work():
+        connections[alias].cursor().execute("SELECT 1")
+        found.append(connections[alias])
+
+    thread = threading.Thread(target=work, name="leaky")
+    thread.start()
+    thread.join()
+    return found[0]
+
+
+def close(connection):
+    connection.inc_thread_sharing()
+    connection.close()
+
+
+@pytest.mark.django_db(databases=["mysql"], transaction=True)
+def test_thread_leak(request):
+    request.addfinalizer(lambda: close(connection))
+    connection = leak("mysql")
+
+
+@pytest.mark.task_db_allow_leaks("on purpose")
+@pytest.mark.django_db(databases=["mysql"], transaction=True)
+def test_allowed(request):
+    request.addfinalizer(lambda: close(connection))
+    connection = leak("mysql")
+
+
+@pytest.mark.django_db(databases=["default", "mysql"])
+def test_atomic_left_open(request):
+    block = transaction.atomic(using="mysql")
+    block.__enter__()
+    request.addfinalizer(lambda: block.__exit__(None, None, None))
+
+
+@pytest.mark.django_db(databases=["default", "mysql", "postgres"])
+def test_clean(request):
+    for alias in ("default", "mysql", "postgres"):
+        with transaction.atomic(using=alias):
+            connections[alias].cursor().execute("SELECT 1")
+"""
+
+
+def test_ini_option_fails_leaks(
+    inner: pytest.Pytester, mysql: Server, postgres: Server
+) -> None:
+    """With the ini option on, in a project without the app: the thread leak
+    and the atomic block left open fail their tests, naming the alias and
+    the line; the allowed and the clean tests pass (django_db's own atomic
+    blocks are not leaks)."""
+    settings(inner, app=False, ini="task_db_check_connections = true")
+    inner.makepyfile(test_leaks=LEAKS)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_thread_leak _*",
+            "1 database connection(s) left behind:",
+            "- alias 'mysql', thread 'leaky' at test_leaks.py:11 in work: still open "
+            "after its thread ended",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_atomic_left_open _*",
+            "1 database connection(s) left behind:",
+            "- alias 'mysql', thread 'MainThread': inside 1 more atomic "
+            "block(s) than at the start",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "FAILED test_leaks.py::test_atomic_left_open*",
+            "FAILED test_leaks.py::test_thread_leak*",
+        ]
+    )
+
+
+def test_marker_turns_it_on(inner: pytest.Pytester, mysql: Server) -> None:
+    """With the ini option off, only a test marked task_db_check_connections
+    is checked."""
+    settings(inner, app=False)
+    inner.makepyfile(
+        test_marked=LEAKS.split("def test_thread_leak")[0]
+        + """
+@pytest.mark.django_db(databases=["mysql"], transaction=True)
+def test_unmarked(request):
+    request.addfinalizer(lambda: close(connection))
+    connection = leak("mysql")
+
+
+@pytest.mark.task_db_check_connections
+@pytest.mark.django_db(databases=["mysql"], transaction=True)
+def test_marked(request):
+    request.addfinalizer(lambda: close(connection))
+    connection = leak("mysql")
+"""
+    )
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_marked.py::test_marked*"])
+
+
+def test_without_django_settings(inner: pytest.Pytester) -> None:
+    """In a project without Django settings, the plugin does nothing, even on."""
+    inner.makeini("[pytest]\ntask_db_check_connections = true\n")
+    inner.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:django")
+    result.assert_outcomes(passed=1)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
