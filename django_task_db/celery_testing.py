@@ -53,15 +53,16 @@ def celery_worker(
     """
     from celery import signals
     from celery.contrib.testing.worker import start_worker
+    from celery.worker import state
 
     test_thread = threading.get_ident()
     owned = list(connections.all(initialized_only=True))
     if share_connections is None:
         share_connections = any(c.in_atomic_block for c in owned)
     shared = {c.alias: c for c in owned} if share_connections else {}
-    task_running = threading.Event()
+    task_running, stopped = threading.Event(), threading.Event()
     one_query = threading.Lock()
-    protected = _Protected(owned, test_thread)
+    protected = _Protected(app, owned, test_thread)
 
     def before_task(**kwargs: Any) -> None:
         if threading.get_ident() != test_thread:
@@ -73,12 +74,13 @@ def celery_worker(
         if threading.get_ident() != test_thread:
             task_running.clear()
 
-    def close_own(**kwargs: Any) -> None:
-        # In the worker's thread at a warm shutdown: its own connections.
-        if threading.get_ident() != test_thread:
+    def close_own(sender: Any = None, **kwargs: Any) -> None:
+        # In the worker's thread at its warm shutdown: its own connections.
+        if sender is worker:
             for connection in connections.all(initialized_only=True):
                 if connection not in owned:
                     connection.close()
+            stopped.set()
 
     def guard(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         if threading.get_ident() == test_thread and task_running.is_set():
@@ -113,19 +115,30 @@ def celery_worker(
             stack.callback(connection.execute_wrappers.remove, guard)
         stack.enter_context(protected)
         worker = stack.enter_context(start_worker(app, **kwargs))
+        stack.callback(setattr, state, "should_stop", None)
         protected.starting = False
         try:
             yield worker
         finally:
             protected.starting = True
+            # A warm shutdown, as on SIGTERM: worker_shutdown is sent in the
+            # worker's thread (start_worker alone stops it cold).
+            state.should_stop = 0
+            stopped.wait(kwargs.get("shutdown_timeout", 10.0))
 
 
 class _Protected:
     """While entered, ``close()`` of the test's connections does nothing
     unless the test's own code calls it: not from another thread, nor from
-    the test's thread while the worker starts or stops."""
+    the test's thread while the worker starts or stops. Celery's fixup does
+    not close their sockets either (the solo pool sends
+    ``worker_process_init`` in the test's thread, where the fixup closes
+    every connection's file descriptor, for a forked child's sake)."""
 
-    def __init__(self, owned: list[BaseDatabaseWrapper], test_thread: int):
+    def __init__(self, app: Any, owned: list[BaseDatabaseWrapper], test_thread: int):
+        from django_task_db.celery_bridge import _worker_fixups
+
+        self.fixups = _worker_fixups(app)
         self.owned = owned
         self.test_thread = test_thread
         self.starting = True
@@ -134,7 +147,17 @@ class _Protected:
         for connection in self.owned:
             close = type(connection).close.__get__(connection)
             connection.close = self._guarded(close)  # type: ignore[method-assign]
+        for fixup in self.fixups:
+            close_fd = type(fixup)._maybe_close_db_fd.__get__(fixup)
+            fixup._maybe_close_db_fd = self._fd_guarded(close_fd)
         return self
+
+    def _fd_guarded(self, close_fd: Any) -> Any:
+        def guarded_close_fd(connection: BaseDatabaseWrapper) -> None:
+            if connection not in self.owned:
+                close_fd(connection)
+
+        return guarded_close_fd
 
     def _guarded(self, close: Any) -> Any:
         def guarded_close() -> None:
@@ -146,3 +169,5 @@ class _Protected:
     def __exit__(self, *exc_info: object) -> None:
         for connection in self.owned:
             vars(connection).pop("close", None)
+        for fixup in self.fixups:
+            vars(fixup).pop("_maybe_close_db_fd", None)

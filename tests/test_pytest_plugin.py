@@ -160,3 +160,113 @@ def test_without_django_settings(inner: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+WORKER = """
+import threading
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from django.db import connections
+
+from django_task_db.celery_testing import SharedConnectionInUse
+from tests.celery_app import app
+from tests.testapp.models import Item
+
+ALIASES = ["default", "mysql", "postgres"]
+started, release = threading.Event(), threading.Event()
+
+
+@app.task
+def write(alias, name):
+    Item.objects.using(alias).create(name=name)
+    return id(connections[alias].connection)
+
+
+@app.task
+def hold(alias):
+    started.set()
+    release.wait(30)
+    return Item.objects.using(alias).count()
+
+
+@pytest.fixture
+def task_db_celery_app():
+    return app
+
+
+@pytest.fixture
+def raw(alias):  # the test's connection, open before the worker starts
+    connections[alias].ensure_connection()
+    return connections[alias].connection
+
+
+def names(alias):
+    return sorted(Item.objects.using(alias).values_list("name", flat=True))
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.django_db(databases=ALIASES)
+def test_in_the_test_transaction(alias, raw, task_db_celery_worker):
+    Item.objects.using(alias).create(name="test")
+    assert write.delay(alias, "task").get(timeout=30) == id(raw)
+    assert names(alias) == ["task", "test"]
+    assert connections[alias].connection is raw
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.django_db(databases=ALIASES, transaction=True)
+def test_transactional(alias, raw, task_db_celery_worker):
+    Item.objects.using(alias).create(name="test")
+    assert write.delay(alias, "task").get(timeout=30) != id(raw)
+    assert names(alias) == ["task", "test"]
+    assert connections[alias].connection is raw
+
+
+@pytest.mark.django_db(databases=["postgres"])
+def test_query_while_a_task_runs(task_db_celery_worker):
+    result = hold.delay("postgres")
+    assert started.wait(30)
+    with pytest.raises(SharedConnectionInUse, match="alias 'postgres' while a Celery"):
+        Item.objects.using("postgres").count()
+    release.set()
+    assert result.get(timeout=30) == 0
+
+
+@pytest.mark.parametrize("alias", ["mysql", "postgres"])
+@pytest.mark.django_db(databases=ALIASES, transaction=True)
+def test_celery_start_worker_alone(alias, raw):
+    with start_worker(app, perform_ping_check=False):
+        assert connections[alias].connection is raw, "closed by the worker's start"
+"""
+
+
+@pytest.mark.parametrize("app", [True, False], ids=["app", "no_app"])
+def test_celery_worker_fixture(
+    app: bool,
+    inner: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+    mysql: Server,
+    postgres: Server,
+) -> None:
+    """task_db_celery_worker under django_db: tasks run inside the test's
+    transaction on its own connections (default), or on their own
+    (transaction=True), and the test's connection is never closed, where
+    Celery's own start_worker closes it at the worker's start; a query of
+    the test while a task runs on the shared connection is refused. With the
+    app's Celery bridge, and with Celery's fixup alone."""
+    monkeypatch.setenv("TASK_DB_CELERY_QUEUE", "django_task_db_tests_fixture")
+    settings(inner, app=app, ini="task_db_check_connections = true")
+    inner.makepyfile(test_worker=WORKER)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=7, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_celery_start_worker_alone?mysql? FAILED*",
+            "*test_celery_start_worker_alone?postgres? FAILED*",
+        ],
+        consecutive=False,
+    )
+    assert result.stdout.str().count("closed by the worker's start") >= 2
+    assert "left behind" not in result.stdout.str()
