@@ -8,8 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+import redis
 
+from tests.names import REDIS_DB_IN_PROCESS
 from tests.servers import Server
+from tests.workers import unique_queue
 
 pytestmark = pytest.mark.task_db_allow_leaks("the sub-pytest's connections")
 
@@ -256,7 +259,8 @@ def test_celery_worker_fixture(
     Celery's own start_worker closes it at the worker's start; a query of
     the test while a task runs on the shared connection is refused. With the
     app's Celery bridge, and with Celery's fixup alone."""
-    monkeypatch.setenv("TASK_DB_CELERY_QUEUE", "django_task_db_tests_fixture")
+    queue = unique_queue("fixture")  # nothing left queued by another run
+    monkeypatch.setenv("TASK_DB_CELERY_QUEUE", queue)
     settings(inner, app=app, ini="task_db_check_connections = true")
     inner.makepyfile(test_worker=WORKER)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "-v")
@@ -270,3 +274,6 @@ def test_celery_worker_fixture(
     )
     assert result.stdout.str().count("closed by the worker's start") >= 2
     assert "left behind" not in result.stdout.str()
+    client = redis.Redis.from_url(f"{redis_url}/{REDIS_DB_IN_PROCESS}")
+    client.delete(queue, f"_kombu.binding.{queue}")
+    client.close()
