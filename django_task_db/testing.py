@@ -163,21 +163,33 @@ def _library_dirs() -> tuple[str, ...]:
 
 
 _libraries: tuple[str, ...] | None = None
+# Whether each file seen is the caller's (its shown path) or a library's (None).
+_files: dict[str, str | None] = {}
 
 
 def _caller_place() -> str | None:
     """``path:line in function`` of the innermost frame of the caller's code."""
-    global _libraries
-    if _libraries is None:
-        _libraries = _library_dirs()
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename
-        path = os.path.realpath(name)
-        if not name.startswith("<") and not path.startswith(_libraries):
-            return f"{_shorter(path)}:{frame.f_lineno} in {frame.f_code.co_name}"
+        try:
+            shown = _files[name]
+        except KeyError:
+            shown = _files[name] = _users_file(name)
+        if shown is not None:
+            return f"{shown}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back
     return None
+
+
+def _users_file(name: str) -> str | None:
+    global _libraries
+    if _libraries is None:
+        _libraries = _library_dirs()
+    path = os.path.realpath(name)
+    if name.startswith("<") or path.startswith(_libraries):
+        return None
+    return _shorter(path)
 
 
 def _shorter(path: str) -> str:
