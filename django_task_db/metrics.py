@@ -67,7 +67,8 @@ class Metrics:
     - ``aliases``: opened, closed, replaced and cancelled of each alias that
       has any.
 
-    ``later - earlier`` is the Metrics of what happened in between.
+    ``later - earlier`` is the Metrics of what happened in between (without
+    the reasons and aliases whose counts did not change).
     """
 
     opened: int
@@ -84,12 +85,14 @@ class Metrics:
         aliases = {}
         for alias, now in self.aliases.items():
             then = earlier.aliases.get(alias, _NO_ALIAS)
-            aliases[alias] = AliasMetrics(
+            change = AliasMetrics(
                 opened=now.opened - then.opened,
                 closed=_minus(now.closed, then.closed),
                 replaced=now.replaced - then.replaced,
                 cancelled=now.cancelled - then.cancelled,
             )
+            if change != _NO_ALIAS:
+                aliases[alias] = change
         return Metrics(
             opened=self.opened - earlier.opened,
             reused=self.reused - earlier.reused,
@@ -107,7 +110,10 @@ _NO_ALIAS = AliasMetrics(opened=0, closed={}, replaced=0, cancelled=0)
 
 
 def _minus(now: Mapping[str, int], then: Mapping[str, int]) -> dict[str, int]:
-    return {key: n - then.get(key, 0) for key, n in now.items()}
+    """``now`` minus ``then``, without the keys whose count did not change."""
+    return {
+        key: n - then.get(key, 0) for key, n in now.items() if n != then.get(key, 0)
+    }
 
 
 class ThreadCounts:
