@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from django.core.cache import close_caches
 from django.db import Error as DatabaseError
 
-from django_task_db import conf, forks, strategies, tracking, units
+from django_task_db import conf, forks, metrics, strategies, tracking, units
 from django_task_db.signals import send_closed
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def start_unit(
     if users.kept:
         users.kept = set()
     users.ended.clear()
+    counts = users.counts
     for connection in tracking.open_connections():
         if connection.connection is None:  # another alias's strategy closed it
             continue
@@ -58,6 +59,7 @@ def start_unit(
         held = tracking.caller_holds(connection)
         if held is not None:
             users.kept.add(connection.alias)
+            counts.skipped += 1
             _warn_left_open(connection, "start", held, chosen)
             continue
         if config.ping_every_unit:
@@ -73,6 +75,8 @@ def start_unit(
                 "CONN_HEALTH_CHECKS"
             ]
         _act(connection, "start", chosen)
+        if connection.connection is not None:
+            counts.reused += 1
     return unit
 
 
@@ -85,6 +89,10 @@ def finish_unit(
     runner's unit of this thread) and clean up this thread's open
     connections, if no other unit is using them."""
     users = units.here()
+    counts = users.counts
+    counts.units += 1
+    if failed:
+        counts.failed_units += 1
     if unit is None:
         unit = users.handed_over
     if unit is None:
@@ -132,6 +140,7 @@ def finish_unit(
             if reason is None:  # closing after a failure rolls back too
                 _roll_back_left_open(connection)
         elif held is not None:
+            counts.skipped += 1
             if connection.alias not in kept:
                 _warn_left_open(connection, "finish", held, chosen[-1])
             continue
@@ -169,6 +178,7 @@ def stop_worker() -> None:
     for connection in tracking.open_connections():
         held = tracking.caller_holds(connection)
         if held is not None:
+            users.counts.skipped += 1
             _warn_left_open(connection, "stop", held, strategies.close_all)
         else:
             _act(connection, "finish", strategies.close_all, "worker_stopping")
@@ -191,8 +201,12 @@ def _close_after_failure(connection: BaseDatabaseWrapper, phase: conf.Phase) -> 
     # client closes its connection: cancel it first.
     if _still_running(connection):
         cancel = getattr(connection.connection, "cancel_safe", None)
-        with contextlib.suppress(DatabaseError, connection.Database.Error):  # type: ignore[attr-defined]
+        try:
             (cancel or connection.connection.cancel)()
+        except (DatabaseError, connection.Database.Error):  # type: ignore[attr-defined]
+            pass
+        else:
+            metrics.count_cancelled(connection.alias)
     connection.close()
 
 

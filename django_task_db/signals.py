@@ -20,8 +20,10 @@ Sent by the app:
 
 - ``connection_closed(sender, alias, reason)``: a connection was closed
   (``sender`` is the backend's ``DatabaseWrapper`` class). ``reason`` is
-  the strategy's name, ``"failure"``, ``"worker_stopping"`` or
-  ``"inherited"``.
+  the strategy's name, ``"failure"``, ``"worker_stopping"``,
+  ``"inherited"``, ``"health_check"`` or ``"thread_ended"``. Each close is
+  also counted (``metrics.snapshot()``) and logged at DEBUG on the
+  ``"django_task_db"`` logger with its alias and reason.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from django.core.exceptions import ImproperlyConfigured
 from django.dispatch import Signal
 
-from django_task_db import units
+from django_task_db import metrics, units
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -132,9 +134,13 @@ connection_closed = Signal()
 
 
 def send_closed(connection: BaseDatabaseWrapper, reason: str) -> None:
-    """Send connection_closed; log what its receivers raise."""
+    """Count the close, log it at DEBUG, send connection_closed; log what its
+    receivers raise."""
+    alias = connection.alias
+    metrics.count_closed(alias, reason)
+    logger.debug("Database connection %r closed: %s.", alias, reason)
     for receiver, result in connection_closed.send_robust(
-        type(connection), alias=connection.alias, reason=reason
+        type(connection), alias=alias, reason=reason
     ):
         if isinstance(result, Exception):
             logger.error(

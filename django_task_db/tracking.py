@@ -22,7 +22,7 @@ from weakref import WeakSet
 from django.db import Error as DatabaseError
 from django.db import connections
 
-from django_task_db import conf, forks, signals
+from django_task_db import conf, forks, metrics, signals
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -77,6 +77,7 @@ def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     except AttributeError:
         opened = _local.opened = _Opened()
     opened[connection.alias] = connection
+    metrics.count_opened(connection.alias)
     vars(connection).pop(_READS, None)  # a new driver connection reads nothing
     forks.remember(connection)
     if "chunked_cursor" not in connection.__dict__:
@@ -85,10 +86,13 @@ def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
 
 
 def track_open_connections() -> None:
-    """Track the connections this thread opened before the app was ready."""
+    """Track the connections this thread opened before the app was ready
+    (those connection_created did not bring to track() already)."""
+    tracked = _local.__dict__.get("opened") or {}
     for connection in connections.all(initialized_only=True):
-        if connection.connection is not None:
-            track(connection=connection)
+        if connection.connection is None or tracked.get(connection.alias) is connection:
+            continue
+        track(connection=connection)
 
 
 def open_connections() -> tuple[BaseDatabaseWrapper, ...]:

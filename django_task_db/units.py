@@ -26,6 +26,8 @@ import weakref
 from contextvars import ContextVar
 from typing import Any
 
+from django_task_db import metrics
+
 _get_running_loop = asyncio._get_running_loop
 
 
@@ -84,7 +86,15 @@ class ThreadUnits:
     them found there. Weak, so a unit that never ended because its scope was
     lost (a coroutine destroyed mid-unit) does not hold the thread."""
 
-    __slots__ = ("_units", "by_signal", "ended", "kept", "handed_over")
+    __slots__ = (
+        "_units",
+        "by_signal",
+        "ended",
+        "kept",
+        "handed_over",
+        "counts",
+        "__weakref__",
+    )
 
     def __init__(self) -> None:
         self._units: list[weakref.ref[Unit]] = []
@@ -101,6 +111,9 @@ class ThreadUnits:
         # receivers of task_started and task_finished, which run in the
         # thread of the connections (for an async scope, in sync_to_async's).
         self.handed_over: Unit | None = None
+        # What this thread's boundaries did, for metrics.snapshot(): written
+        # here only, where the boundaries already have this object at hand.
+        self.counts = metrics.thread_counts(self)
 
     def running(self) -> list[Unit]:
         units = [unit for ref in self._units if (unit := ref()) is not None]
