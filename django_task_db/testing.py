@@ -225,28 +225,18 @@ def find_leaks(since: int, baseline: dict[str, tuple[int, bool]]) -> list[Leak]:
         # Where the block was entered is not recorded: the test's own code.
         where = None
         name = threading.current_thread().name
+        detail = None
         if blocks > start_blocks:
-            leaks.append(
-                Leak(
-                    "transaction",
-                    connection.alias,
-                    name,
-                    where,
-                    f"inside {blocks - start_blocks} more atomic block(s) "
-                    "than at the start",
-                )
+            detail = (
+                f"inside {blocks - start_blocks} more atomic block(s) than at the start"
             )
         elif off and not start_off:
-            leaks.append(
-                Leak(
-                    "transaction",
-                    connection.alias,
-                    name,
-                    where,
-                    "autocommit is off and a transaction open, which it "
-                    "was not at the start",
-                )
+            detail = (
+                "autocommit is off and a transaction open, which it was not at "
+                "the start"
             )
+        if detail is not None:
+            leaks.append(Leak("transaction", connection.alias, name, where, detail))
     this_thread = threading.current_thread()
     for connection in list(_recorded):
         record = getattr(connection, _RECORD, None)
