@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 __all__ = ["SharedConnectionInUse", "celery_worker"]
 
 
+# Seconds a test's query waits for a task that is finishing (its result is
+# stored, its task_postrun not sent yet) before SharedConnectionInUse.
+FINISHING = 2.0
+
+
 class SharedConnectionInUse(RuntimeError):
     """The test queried a connection it shares with a task still running."""
 
@@ -60,7 +65,11 @@ def celery_worker(
     if share_connections is None:
         share_connections = any(c.in_atomic_block for c in owned)
     shared = {c.alias: c for c in owned} if share_connections else {}
-    task_running, stopped = threading.Event(), threading.Event()
+    # Set while no task runs. Celery stores a task's result (which wakes
+    # the test's .get()) before it sends task_postrun: a query right after
+    # .get() waits for that end, up to FINISHING seconds.
+    idle, stopped = threading.Event(), threading.Event()
+    idle.set()
     one_query = threading.Lock()
     protected = _Protected(app, owned, test_thread)
 
@@ -68,11 +77,11 @@ def celery_worker(
         if threading.get_ident() != test_thread:
             for alias, connection in shared.items():
                 connections[alias] = connection
-            task_running.set()
+            idle.clear()
 
     def after_task(**kwargs: Any) -> None:
         if threading.get_ident() != test_thread:
-            task_running.clear()
+            idle.set()
 
     def close_own(sender: Any = None, **kwargs: Any) -> None:
         # In the worker's thread at its warm shutdown: its own connections.
@@ -83,7 +92,7 @@ def celery_worker(
             stopped.set()
 
     def guard(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if threading.get_ident() == test_thread and task_running.is_set():
+        if threading.get_ident() == test_thread and not idle.wait(FINISHING):
             raise SharedConnectionInUse(
                 f"The test queried database alias {context['connection'].alias!r} "
                 "while a Celery task was running on it (the worker shares the "

@@ -118,5 +118,11 @@ def task_db_celery_worker(
     ``django_task_db.celery_testing.celery_worker``."""
     from django_task_db.celery_testing import celery_worker
 
+    # The test's database fixtures first, whatever their order in the
+    # test's arguments: whether the worker shares the test's connections
+    # depends on the transaction they open.
+    for name in ("db", "transactional_db"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name)
     with celery_worker(task_db_celery_app) as worker:
         yield worker

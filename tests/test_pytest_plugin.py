@@ -167,9 +167,11 @@ def test_without_django_settings(inner: pytest.Pytester) -> None:
 
 WORKER = """
 import threading
+import time
 
 import pytest
 from celery.contrib.testing.worker import start_worker
+from celery.signals import task_postrun
 from django.db import connections
 
 from django_task_db.celery_testing import SharedConnectionInUse
@@ -236,6 +238,29 @@ def test_query_while_a_task_runs(task_db_celery_worker):
     assert result.get(timeout=30) == 0
 
 
+def slow_end(**kwargs):
+    time.sleep(0.3)  # a task_postrun receiver, connected before the fixture's
+
+
+task_postrun.connect(slow_end, weak=False)
+
+
+@pytest.mark.django_db(databases=["postgres"])
+def test_query_right_after_a_result(task_db_celery_worker):
+    # Celery stores the result before it sends task_postrun.
+    for n in range(3):
+        write.delay("postgres", f"task {n}").get(timeout=30)
+        assert Item.objects.using("postgres").count() == n + 1
+
+
+def test_worker_before_db(task_db_celery_worker, db):
+    Item.objects.create(name="test")
+    assert write.delay("default", "task").get(timeout=30) == id(
+        connections["default"].connection
+    )
+    assert names("default") == ["task", "test"]
+
+
 @pytest.mark.parametrize("alias", ["mysql", "postgres"])
 @pytest.mark.django_db(databases=ALIASES, transaction=True)
 def test_celery_start_worker_alone(alias, raw):
@@ -257,14 +282,16 @@ def test_celery_worker_fixture(
     transaction on its own connections (default), or on their own
     (transaction=True), and the test's connection is never closed, where
     Celery's own start_worker closes it at the worker's start; a query of
-    the test while a task runs on the shared connection is refused. With the
-    app's Celery bridge, and with Celery's fixup alone."""
+    the test while a task runs on the shared connection is refused, one
+    right after a task's result waits for the task's end; the fixture sets
+    up ``db`` first whatever the arguments' order. With the app's Celery
+    bridge, and with Celery's fixup alone."""
     queue = unique_queue("fixture")  # nothing left queued by another run
     monkeypatch.setenv("TASK_DB_CELERY_QUEUE", queue)
     settings(inner, app=app, ini="task_db_check_connections = true")
     inner.makepyfile(test_worker=WORKER)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "-v")
-    result.assert_outcomes(passed=7, failed=2)
+    result.assert_outcomes(passed=9, failed=2)
     result.stdout.fnmatch_lines(
         [
             "*test_celery_start_worker_alone?mysql? FAILED*",
