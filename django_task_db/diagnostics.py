@@ -170,7 +170,8 @@ def status(
     # Every alias of DATABASES counts against its server, reported or not:
     # a worker's threads may use each of them.
     need = {alias: _per_process(alias, deployment) for alias in settings.DATABASES}
-    return [_with_budget(report, deployment, need) for report in reports]
+    keys = {alias: _server_key(alias) for alias in settings.DATABASES}  # DNS once
+    return [_with_budget(report, deployment, need, keys) for report in reports]
 
 
 def pool_of(alias: str) -> Pool | None:
@@ -410,14 +411,17 @@ def _band(needed: int, allowed: int) -> Verdict:
 
 
 def _with_budget(
-    report: AliasStatus, deployment: Deployment, per_process: dict[str, int]
+    report: AliasStatus,
+    deployment: Deployment,
+    per_process: dict[str, int],
+    keys: dict[str, tuple[str, str, frozenset[str]]],
 ) -> AliasStatus:
     if report.server is None:
         return report
     processes = deployment.hosts * deployment.processes
-    key = _server_key(report.alias)
+    key = keys[report.alias]
     user = report.user
-    on_server = [a for a in per_process if _same_server(_server_key(a), key)]
+    on_server = [a for a in per_process if _same_server(keys[a], key)]
     server_needed = processes * sum(per_process[a] for a in on_server)
     user_needed = processes * sum(
         per_process[a]
