@@ -77,6 +77,8 @@ def start_unit(
         _act(connection, "start", chosen)
         if connection.connection is not None:
             counts.reused += 1
+            # Taken back if the unit replaces it (see tracking.track).
+            connection.__dict__[tracking.REUSED_IN] = counts.units
     return unit
 
 
@@ -131,8 +133,10 @@ def finish_unit(
         if connection.connection is None:  # another alias's strategy closed it
             continue
         chosen: list[conf.Strategy]
-        if close_on_failure or _still_running(connection):
+        if close_on_failure:
             chosen, reason = [_close_after_failure], "failure"
+        elif _still_running(connection):
+            chosen, reason = [_close_after_failure], "query_running"
         else:
             chosen, reason = _strategies_of(connection.alias, ended), None
         held = tracking.caller_holds(connection)

@@ -25,7 +25,13 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
+
+
+def _freeze(counts: object, field: str) -> None:
+    # Frozen dataclasses are set up through object.__setattr__ too.
+    object.__setattr__(counts, field, MappingProxyType(dict(getattr(counts, field))))
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ class AliasMetrics:
     replaced: int
     cancelled: int
 
+    def __post_init__(self) -> None:
+        _freeze(self, "closed")
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -45,16 +54,21 @@ class Metrics:
     - ``opened``: database connections opened (Django's
       ``connection_created``), by any code, in any thread.
     - ``reused``: connections found open, and left open, at the start of a
-      unit: one per connection and unit that did not need a new one. Counted
-      by the unit that prepares the thread's connections (the first of
-      concurrent async units); a connection the caller holds is a skip, not
-      a reuse.
+      unit, and not replaced during it: one per connection and unit that did
+      not need a new one. Counted by the unit that prepares the thread's
+      connections (the first of concurrent async units); a connection the
+      caller holds is a skip, not a reuse.
     - ``replaced``: connections found dead after idling (HEALTH_CHECKS) and
       replaced before their next use; the same as ``closed["health_check"]``.
     - ``closed``: connections closed by the package, by the ``reason`` of
       its ``connection_closed`` signal (a strategy's name, ``"failure"``,
-      ``"worker_stopping"``, ``"inherited"``, ``"health_check"``,
-      ``"thread_ended"``). Closes by other code are not counted.
+      ``"query_running"``, ``"worker_stopping"``, ``"inherited"``,
+      ``"health_check"``, ``"thread_ended"``). Closes by other code are not
+      counted.
+
+    With Django's connection pool, ``opened`` and ``closed`` count the
+    connections taken from the pool and given back to it (Django sends
+    ``connection_created`` at each checkout), not the pool's server sessions.
     - ``units``: units of work that ended (each ``task_finished``, each
       outermost ``task_scope`` that exited); ``failed_units``: those of them
       that failed.
@@ -68,7 +82,8 @@ class Metrics:
       has any.
 
     ``later - earlier`` is the Metrics of what happened in between (without
-    the reasons and aliases whose counts did not change).
+    the reasons and aliases whose counts did not change). The mappings are
+    read-only (``types.MappingProxyType``).
     """
 
     opened: int
@@ -81,9 +96,16 @@ class Metrics:
     cancelled: int
     aliases: Mapping[str, AliasMetrics]
 
-    def __sub__(self, earlier: Metrics) -> Metrics:
+    def __post_init__(self) -> None:
+        _freeze(self, "closed")
+        _freeze(self, "aliases")
+
+    def __sub__(self, earlier: object) -> Metrics:
+        if not isinstance(earlier, Metrics):
+            return NotImplemented
         aliases = {}
-        for alias, now in self.aliases.items():
+        for alias in {**self.aliases, **earlier.aliases}:
+            now = self.aliases.get(alias, _NO_ALIAS)
             then = earlier.aliases.get(alias, _NO_ALIAS)
             change = AliasMetrics(
                 opened=now.opened - then.opened,
@@ -111,9 +133,8 @@ _NO_ALIAS = AliasMetrics(opened=0, closed={}, replaced=0, cancelled=0)
 
 def _minus(now: Mapping[str, int], then: Mapping[str, int]) -> dict[str, int]:
     """``now`` minus ``then``, without the keys whose count did not change."""
-    return {
-        key: n - then.get(key, 0) for key, n in now.items() if n != then.get(key, 0)
-    }
+    change = {key: now.get(key, 0) - then.get(key, 0) for key in {**now, **then}}
+    return {key: n for key, n in sorted(change.items()) if n}
 
 
 class ThreadCounts:
@@ -211,7 +232,13 @@ def snapshot() -> Metrics:
 
     Each count is exact; counts taken while other threads run units may be
     between two of a unit's counts (its ``units`` counted, its close not yet).
+
+    Raises ImproperlyConfigured when the app is not in INSTALLED_APPS (or
+    Django is not set up): nothing would have been counted.
     """
+    from django_task_db import signals  # signals imports this module
+
+    signals.require_app()
     process = _process
     with process.lock:
         process.fold_ended()

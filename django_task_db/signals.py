@@ -20,8 +20,10 @@ Sent by the app:
 
 - ``connection_closed(sender, alias, reason)``: a connection was closed
   (``sender`` is the backend's ``DatabaseWrapper`` class). ``reason`` is
-  the strategy's name, ``"failure"``, ``"worker_stopping"``,
-  ``"inherited"``, ``"health_check"`` or ``"thread_ended"``. Each close is
+  the strategy's name, ``"failure"``, ``"query_running"`` (a query was
+  still running at the end of a unit that did not fail: cancelled, then
+  closed), ``"worker_stopping"``, ``"inherited"``, ``"health_check"`` or
+  ``"thread_ended"``. Each close is
   also counted (``metrics.snapshot()``) and logged at DEBUG on the
   ``"django_task_db"`` logger with its alias and reason.
 """
@@ -93,6 +95,13 @@ def only_app_receiver(signal: Signal, uid: str) -> bool:
     Signal.receivers, from Django 4.2 to 6.1."""
     receivers = signal.receivers
     return len(receivers) == 1 and receivers[0][0][0] == uid
+
+
+def require_app() -> None:
+    """Raise ImproperlyConfigured, as sending a boundary signal would, until
+    the app's receivers are connected."""
+    if any(key[0] == _NOT_READY for key, *_ in task_started.receivers):
+        _not_ready()
 
 
 def receivers_ready() -> None:

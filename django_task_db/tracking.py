@@ -22,7 +22,7 @@ from weakref import WeakSet
 from django.db import Error as DatabaseError
 from django.db import connections
 
-from django_task_db import conf, forks, metrics, signals
+from django_task_db import conf, forks, metrics, signals, units
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -35,6 +35,11 @@ _local = threading.local()
 # (QuerySet.iterator()) not closed yet, weakly: a cursor nobody refers to
 # any more reads nothing.
 _READS = "_django_task_db_reads"
+
+# The attribute of a connection that a unit found open and counted as reused
+# (metrics' ``reused``): the number of this thread's units that had ended
+# then, so that a replacement in that same unit takes the reuse back.
+REUSED_IN = "_django_task_db_reused_in"
 
 
 class _Opened(dict[str, "BaseDatabaseWrapper"]):
@@ -78,6 +83,11 @@ def track(*, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
         opened = _local.opened = _Opened()
     opened[connection.alias] = connection
     metrics.count_opened(connection.alias)
+    reused_in = vars(connection).pop(REUSED_IN, None)
+    if reused_in is not None:
+        counts = units.here().counts
+        if reused_in == counts.units:  # the unit that counted it still runs
+            counts.reused -= 1
     vars(connection).pop(_READS, None)  # a new driver connection reads nothing
     forks.remember(connection)
     if "chunked_cursor" not in connection.__dict__:

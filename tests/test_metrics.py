@@ -118,9 +118,14 @@ def test_worker_stopping_counts_its_closes_and_skips(direct_server, sessions):
     assert delta.units == 1
 
 
-def test_replaced_by_a_health_check(direct_server, sessions):
+@pytest.mark.parametrize("idle", [None, 0], ids=["idle_default", "idle_0"])
+def test_replaced_by_a_health_check(direct_server, sessions, settings, idle):
     """A connection killed between units is replaced at the next unit's first
-    query: one replacement, one more open, and a new server session."""
+    query: one more open, a new server session, and no reuse. With
+    HEALTH_CHECK_IDLE 0 Django's own ping replaces it, unseen by the package:
+    no replacement counted, but no reuse either."""
+    if idle is not None:
+        settings.TASK_DB = {"HEALTH_CHECK_IDLE": idle}
     before = metrics.snapshot()
     with task_scope():
         first = direct_server.session_id()
@@ -133,17 +138,19 @@ def test_replaced_by_a_health_check(direct_server, sessions):
     assert second != first
     assert sessions.own() == {second}
     assert delta.opened == 2
-    assert delta.reused == 1  # the dead one, found open at the start
-    assert delta.replaced == 1
-    assert delta.closed == {"health_check": 1}
-    assert delta.aliases[direct_server.alias].replaced == 1
+    assert delta.reused == 0  # the dead one was found open, then replaced
+    replaced = 1 if idle is None else 0
+    assert delta.replaced == replaced
+    assert delta.closed == ({"health_check": 1} if replaced else {})
+    assert delta.aliases[direct_server.alias].replaced == replaced
     assert delta.units == 2
     assert delta.failed_units == 0
 
 
 def test_cancelled_query(postgres, settings):
-    """A query still running at a unit's end is cancelled on the server and
-    counted, with its connection's close ("failure")."""
+    """A query still running at the end of a unit that succeeded is cancelled
+    on the server and counted, with its connection's close
+    ("query_running"): the unit did not fail."""
     settings.TASK_DB = {"STRATEGY": "keep"}
     tag = f"metrics_sleep_{uuid.uuid4().hex[:12]}"
     pid = None
@@ -163,7 +170,7 @@ def test_cancelled_query(postgres, settings):
     assert stopped
     assert delta.cancelled == 1
     assert delta.aliases["postgres"].cancelled == 1
-    assert delta.closed == {"failure": 1}
+    assert delta.closed == {"query_running": 1}
     assert delta.failed_units == 0  # the unit caught the interruption
 
 
@@ -373,3 +380,96 @@ def test_a_delta_names_what_changed():
             ),
         },
     )
+
+
+def test_a_delta_keeps_what_only_the_earlier_has():
+    """An alias or reason counted only in the earlier snapshot (``earlier -
+    later``, or snapshots of two processes) is in the delta, negative."""
+    earlier = metrics.Metrics(
+        opened=1,
+        reused=0,
+        replaced=0,
+        closed={"failure": 1},
+        units=1,
+        failed_units=1,
+        skipped=0,
+        cancelled=0,
+        aliases={
+            "replica": metrics.AliasMetrics(
+                opened=1, closed={"failure": 1}, replaced=0, cancelled=0
+            )
+        },
+    )
+    delta = zero() - earlier
+    assert delta.opened == -1
+    assert delta.closed == {"failure": -1}
+    assert delta.aliases == {
+        "replica": metrics.AliasMetrics(
+            opened=-1, closed={"failure": -1}, replaced=0, cancelled=0
+        )
+    }
+
+
+def test_a_snapshot_cannot_be_changed():
+    """A snapshot is frozen all the way down: its mappings too."""
+    with task_scope(strategy="close_all"):
+        connections["default"].ensure_connection()
+    m = metrics.snapshot()
+    with pytest.raises(TypeError):
+        m.closed["close_all"] = 0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        m.aliases["default"] = m.aliases["default"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        m.aliases["default"].closed["close_all"] = 0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        (m - m).closed["x"] = 1  # type: ignore[index]
+
+
+def test_only_a_snapshot_can_be_subtracted():
+    with pytest.raises(TypeError):
+        metrics.snapshot() - 1  # type: ignore[operator]
+
+
+def test_pool_counts_checkouts(pgpool, settings):
+    """With Django's pool, ``opened`` and ``closed`` count connections taken
+    from and given back to the pool (Django sends connection_created at
+    each checkout), not server sessions: the pool keeps one open."""
+    settings.TASK_DB = {"STRATEGY": "close_all"}
+    before = metrics.snapshot()
+    seen = set()
+    for _ in range(10):
+        with task_scope():
+            seen.add(pgpool.session_id())
+    delta = metrics.snapshot() - before
+    # At most the pool's max_size (4, tests/settings.py) sessions served all.
+    assert len(seen) <= 4
+    assert delta.opened == 10
+    assert delta.closed == {"close_all": 10}
+
+
+def test_a_snapshot_without_the_app_raises(pytester):
+    """Without the app nothing is counted: snapshot() says so rather than
+    answer zeros."""
+    pytester.makepyfile(
+        """
+        import django
+        import pytest
+        from django.conf import settings
+        from django.core.exceptions import ImproperlyConfigured
+
+        def test_it():
+            settings.configure(
+                INSTALLED_APPS=[],
+                DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
+                                       "NAME": ":memory:"}},
+            )
+            django.setup()
+            from django_task_db import metrics
+            with pytest.raises(ImproperlyConfigured, match="INSTALLED_APPS"):
+                metrics.snapshot()
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:django", "-p", "no:django_task_db", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=1)
